@@ -1,0 +1,3 @@
+"""clusterlab: deep clustering experiments from a laptop to a Ray cluster, tracked in MLflow."""
+
+__version__ = "0.1.0"

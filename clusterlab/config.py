@@ -1,0 +1,381 @@
+"""Typed, validated experiment configuration.
+
+One :class:`ExperimentConfig` describes a whole experiment: method, data + protocol, model,
+optimiser + schedule, augmentation, loss, evaluation, tracking and resources. It is built in
+layers, each overriding the one before::
+
+    field defaults  <  preset (method x dataset, paper values)  <  YAML file  <  key=value overrides
+
+Every layer is validated at construction (pydantic, unknown keys forbidden), so a bad field
+fails here, naming the field and the allowed values, before Ray or MLflow start.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DatasetName = Literal["cifar10", "cifar100_20", "stl10", "imagefolder", "digits"]
+Protocol = Literal["train", "train+test", "train+unlabeled"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the field and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Strict):
+    """Dataset, protocol and splits (MIX'EM Sec. 5.4 / Table 4; supplementary 1.3)."""
+
+    name: DatasetName = "digits"
+    root: Path | None = Field(None, description="directory holding the dataset folders (--data-root)")
+    protocol: Protocol = Field(
+        "train+test", description="splits that train; evaluation is always on `test` (MIX'EM Table 4)"
+    )
+    val_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="held-out share of the training pool for the validation loss"
+    )
+    image_size: int | None = Field(None, ge=8, description="served image size; None = dataset default")
+    download: bool = Field(False, description="download missing files (needs internet); never implicit")
+
+
+class AugmentConfig(_Strict):
+    """SimCLR augmentation as in MIX'EM supplementary 1.2, applied per sample on whole batches."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    jitter: tuple[float, float, float, float] = Field(
+        (0.8, 0.8, 0.8, 0.2), description="brightness, contrast, saturation, hue"
+    )
+    jitter_p: float = Field(0.8, ge=0.0, le=1.0)
+    grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
+    blur_kernel: int | None = Field(
+        None, description="odd kernel size; None = 3 for <= 64 px, 9 for larger (supplementary 1.2)"
+    )
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: float = Field(1.0, ge=0.0, le=1.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_in_unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("needs 0 < low <= high <= 1")
+        return v
+
+    @field_validator("blur_kernel")
+    @classmethod
+    def _odd_kernel(cls, v: int | None) -> int | None:
+        if v is not None and (v < 1 or v % 2 == 0):
+            raise ValueError("must be a positive odd integer (e.g. 3 or 9)")
+        return v
+
+
+class ModelConfig(_Strict):
+    backbone: Literal["resnet18", "small_cnn"] = "resnet18"
+    stem: Literal["auto", "cifar", "imagenet"] = Field(
+        "auto", description="auto: CIFAR stem (3x3 conv, no max-pool) for <= 64 px inputs"
+    )
+    cnn_width: int = Field(32, ge=1, description="channels of the small_cnn backbone's first block")
+    embedding_dim: int = Field(256, ge=1, description="projection output (256 base encoder, 32 continued)")
+    hidden_dim: int | None = Field(None, ge=1, description="projection hidden width; None = feature dim")
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(5e-4, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
+    weight_decay: float = Field(1e-6, ge=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0.0)
+
+
+class LossConfig(_Strict):
+    temperature: float = Field(0.5, gt=0.0, description="NT-Xent temperature (MIX'EM Eq. 1)")
+    weights: dict[str, float] = Field(default_factory=dict, description="weight per named loss term")
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if w < 0}
+        if bad:
+            raise ValueError(f"loss weights must be >= 0, got {bad}")
+        return v
+
+
+class EvalConfig(_Strict):
+    kmeans_n_init: int = Field(50, ge=1, description="random K-means initialisations; best inertia wins")
+    kmeans_max_iter: int = Field(300, ge=1)
+    batch_size: int = Field(512, ge=1, description="feature extraction batch size")
+    raw_pixels_baseline: bool = Field(True, description="also cluster raw pixels for comparison")
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None = $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd"
+    )
+    experiment: str = Field("clusterlab", min_length=1)
+
+
+class ResourcesConfig(_Strict):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class ExperimentConfig(_Strict):
+    method: str = "simclr"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    batch_size: int = Field(512, ge=2, description="global batch size, split across workers")
+    epochs: int = Field(100, ge=1)
+    seed: int = 0
+    run_name: str | None = Field(None, description="Ray Train run name; the same name resumes that run")
+    storage_path: str | None = Field(None, description="Ray Train storage; None = ./ray_results")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from clusterlab.trainers import METHODS  # lazy: trainers import this module
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("use letters, digits, '_', '.', '-' only (it names a directory)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "ExperimentConfig":
+        if self.optim.warmup_epochs >= self.epochs:
+            raise ValueError(f"optim.warmup_epochs ({self.optim.warmup_epochs}) must be < epochs ({self.epochs})")
+        if self.batch_size % self.resources.num_workers:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by resources.num_workers "
+                f"({self.resources.num_workers})"
+            )
+        if self.data.protocol == "train+unlabeled" and self.data.name != "stl10":
+            raise ValueError("data.protocol 'train+unlabeled' exists for data.name 'stl10' only")
+        if self.data.name == "imagefolder" and self.data.image_size is None:
+            raise ValueError("data.image_size is required for data.name 'imagefolder'")
+        if self.data.name not in ("digits",) and self.data.root is None:
+            raise ValueError(f"data.root is required for data.name {self.data.name!r} (pass --data-root DIR)")
+        from clusterlab.trainers import METHODS
+
+        unknown = set(self.loss.weights) - set(METHODS[self.method].loss_terms)
+        if unknown:
+            raise ValueError(
+                f"loss.weights has unknown terms {sorted(unknown)} for method {self.method!r}; "
+                f"allowed: {', '.join(METHODS[self.method].loss_terms)}"
+            )
+        return self
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.method}-{self.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+
+#: Paper values per (method, dataset). MIX'EM supplementary 1.1-1.2: Adam, lr 1e-4 (STL10) /
+#: 5e-4 (CIFAR), cosine decay, batch 512, the SimCLR augmentation, blur 3x3 / 9x9; the base
+#: encoder is trained 600 epochs with embedding dim 256 (MIX'EM Sec. 4).
+_PAPER_BASE: dict[str, Any] = {"batch_size": 512, "epochs": 600, "optim": {"name": "adam", "schedule": "cosine"}}
+
+
+def _paper(dataset: str, protocol: str, lr: float) -> dict[str, Any]:
+    return _deep_merge(_PAPER_BASE, {"data": {"name": dataset, "protocol": protocol}, "optim": {"lr": lr}})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "simclr_cifar10": _paper("cifar10", "train", 5e-4),
+    "simclr_cifar100_20": _paper("cifar100_20", "train", 5e-4),
+    # MIX'EM Sec. 4: the STL10 base encoder trains on train + unlabeled.
+    "simclr_stl10": _paper("stl10", "train+unlabeled", 1e-4),
+    # Scaled down for 2 CPU cores: 16 px digits, small CNN, milder crops (an 8 px digit
+    # cropped to 8% of its area is unrecognisable) and no flips (digits are not mirror-symmetric).
+    "simclr_digits": {
+        "data": {"name": "digits", "protocol": "train+test", "image_size": 16, "val_fraction": 0.1},
+        "model": {"backbone": "small_cnn", "embedding_dim": 64},
+        "optim": {"name": "adam", "lr": 2e-3, "schedule": "cosine", "warmup_epochs": 2},
+        "augment": {"crop_scale": (0.5, 1.0), "hflip_p": 0.0, "jitter": (0.4, 0.4, 0.4, 0.1), "blur_p": 0.5},
+        "loss": {"temperature": 0.5},
+        "batch_size": 128,
+        "epochs": 40,
+        "eval": {"kmeans_n_init": 20},
+    },
+}
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-4` is a string; researchers write it as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+
+
+def read_yaml_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = parse_yaml(path.read_text(), str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config fields")
+    return data
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides; values are parsed as YAML (`1e-4` is a number)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = parse_yaml(text, f"override {key}")
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join(loc) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(raw: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a raw mapping into an :class:`ExperimentConfig` or raise :class:`ConfigError`."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    preset: str | None = None,
+) -> ExperimentConfig:
+    """Build a config: defaults < preset < YAML file < ``key=value`` overrides.
+
+    The preset is, in order: the ``preset`` argument, a ``preset:`` key in the YAML file, or
+    ``<method>_<dataset>`` when such a preset exists for the method and dataset the file and
+    overrides ask for.
+    """
+    user: dict[str, Any] = read_yaml_file(path) if path else {}
+    preset = preset or user.pop("preset", None)
+    user = apply_overrides(user, overrides)
+    if preset is None:
+        method = user.get("method", ExperimentConfig.model_fields["method"].default)
+        dataset = (user.get("data") or {}).get("name", DataConfig.model_fields["name"].default)
+        candidate = f"{method}_{dataset}"
+        preset = candidate if candidate in PRESETS else None
+    elif preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    raw = _deep_merge(PRESETS[preset], user) if preset else user
+    source = " + ".join(s for s in (f"preset {preset}" if preset else "", str(path or ""), "overrides" if overrides else "") if s)
+    return build_config(raw, source or "defaults")
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, str]:
+    """Dotted ``section.key -> value`` pairs, for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat

@@ -1,0 +1,25 @@
+"""Shared fixtures: one local Ray instance per test session (ray.init costs ~5 s here)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    # A private local instance (never a stray cluster); logical CPUs above the 2 physical
+    # cores avoid Train placement-group starvation (DESIGN.md).
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("CLUSTERLAB_TRACKING_URI", uri)
+    return uri
