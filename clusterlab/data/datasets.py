@@ -1,0 +1,691 @@
+"""Image datasets for clustering: readers for the real torchvision on-disk formats.
+
+Why this module reads the files itself instead of instantiating
+``torchvision.datasets.CIFAR10`` / ``CIFAR100`` / ``STL10``: those classes verify
+the md5 checksum of every full-size file before loading anything, so they refuse
+tiny hand-written files in the very same format (which is what the tests and any
+offline smoke run use), and they hash gigabytes on every start. The readers here
+parse exactly the layout torchvision parses (same pickles, same byte order, same
+STL-10 column-major transpose), check only that the files exist, and return
+plain ``uint8`` arrays in ``(N, 3, H, W)`` layout that the rest of the platform
+turns into tensors. torchvision is used only for :func:`download_dataset` (an
+explicit, never implicit, download) and to enumerate ``ImageFolder`` trees.
+
+Datasets (keys of :data:`DATASETS`):
+
+* ``cifar10``      -- ``ROOT/cifar-10-batches-py`` (python pickles).
+* ``cifar100_20``  -- ``ROOT/cifar-100-python``; the 100 fine labels are mapped to
+  the 20 superclasses (:data:`CIFAR100_FINE_TO_COARSE`), the usual deep-clustering
+  benchmark (SCAN, MIX'EM).
+* ``stl10``        -- ``ROOT/stl10_binary`` (raw ``.bin``), with the 100k-image
+  ``unlabeled`` split (labels ``-1``).
+* ``imagefolder``  -- ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``.
+* ``digits``       -- scikit-learn's bundled 8x8 digits (needs no files at all), the
+  offline smoke-test dataset.
+
+Security note: the CIFAR files are Python pickles (as in torchvision); only load
+files from a source you trust.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "SPLIT_NAMES",
+    "PROTOCOLS",
+    "CIFAR100_FINE_TO_COARSE",
+    "ImageArray",
+    "DatasetInfo",
+    "DATASETS",
+    "DatasetNotFoundError",
+    "expected_files",
+    "check_dataset",
+    "load_split",
+    "download_dataset",
+    "channel_stats",
+    "DataSplits",
+    "build_splits",
+]
+
+SPLIT_NAMES: tuple[str, ...] = ("train", "test", "unlabeled")
+PROTOCOLS: tuple[str, ...] = ("train", "train+test", "train+unlabeled")
+
+# Fine label (CIFAR-100 alphabetical order: 0 apple, 1 aquarium_fish, 2 baby, ...)
+# -> one of the 20 superclasses (0 aquatic_mammals, 1 fish, ..., 4 fruit_and_vegetables,
+# ..., 18 vehicles_1, 19 vehicles_2). This is the mapping used by SCAN / MIX'EM and
+# equals the official ``coarse_labels`` of the CIFAR-100 files.
+CIFAR100_FINE_TO_COARSE: tuple[int, ...] = (
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+)  # fmt: skip
+
+_STL10_SIZE = 96
+_STL10_IMAGE_BYTES = 3 * _STL10_SIZE * _STL10_SIZE
+_CIFAR_SIZE = 32
+_CIFAR_ROW_BYTES = 3 * _CIFAR_SIZE * _CIFAR_SIZE
+# Images processed per step when resizing/copying/summing, so that no full-size
+# float copy of a large split (STL-10 unlabeled is 2.7 GB as uint8) ever exists.
+_CHUNK = 512
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+@dataclass(frozen=True)
+class ImageArray:
+    """A split held as one uint8 array plus labels.
+
+    Kept as numpy rather than a torch ``Dataset`` so splits can be concatenated,
+    subset and hashed cheaply; augmentation happens later on tensors.
+    ``images`` is ``(N, 3, H, W)`` uint8 C-contiguous; ``labels`` is ``(N,)`` int64
+    with ``-1`` where the label is unknown (STL-10 unlabeled).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        images = self.images
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            raise TypeError(f"images must be a uint8 numpy array, got {getattr(images, 'dtype', type(images))}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (N, 3, H, W), got {images.shape}")
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"labels must be integers, got {labels.dtype}")
+        # Normalise layout/dtype without copying when already right.
+        object.__setattr__(self, "images", np.ascontiguousarray(images))
+        object.__setattr__(self, "labels", np.ascontiguousarray(labels, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, idx: np.ndarray) -> "ImageArray":
+        """Rows selected by an integer index array or a boolean mask (a copy)."""
+        idx = np.asarray(idx)
+        if idx.dtype != np.bool_:
+            idx = idx.astype(np.int64, copy=False)
+        return ImageArray(self.images[idx], self.labels[idx])
+
+    @staticmethod
+    def concat(parts: Sequence["ImageArray"]) -> "ImageArray":
+        """Concatenate splits of equal image size (e.g. train+test pooling)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("ImageArray.concat needs at least one part")
+        shapes = {p.images.shape[1:] for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot concatenate images of different shapes: {sorted(shapes)}")
+        if len(parts) == 1:
+            return parts[0]
+        return ImageArray(
+            np.concatenate([p.images for p in parts], axis=0),
+            np.concatenate([p.labels for p in parts], axis=0),
+        )
+
+
+# ------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset, used to validate requests before reading.
+
+    ``mean``/``std`` are the per-channel RGB statistics in [0, 1] of the train
+    split; ``None`` means they are computed from the loaded train split
+    (see :func:`build_splits`).
+    """
+
+    name: str
+    num_classes: int | None
+    image_size: int | None
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    splits: tuple[str, ...]
+    directory: str
+    how_to_get: str
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        num_classes=10,
+        image_size=32,
+        # Pixel statistics of the 50k training images (population std; the often
+        # quoted (0.2023, 0.1994, 0.2010) is not the pixel std).
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        splits=("train", "test"),
+        directory="cifar-10-batches-py",
+        how_to_get=(
+            "run `clusterlab data download cifar10 --data-root ROOT` on a machine with internet, "
+            "or copy the extracted cifar-10-python.tar.gz "
+            "(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) there"
+        ),
+    ),
+    "cifar100_20": DatasetInfo(
+        name="cifar100_20",
+        num_classes=20,
+        image_size=32,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        splits=("train", "test"),
+        directory="cifar-100-python",
+        how_to_get=(
+            "run `clusterlab data download cifar100_20 --data-root ROOT` on a machine with internet, "
+            "or copy the extracted cifar-100-python.tar.gz "
+            "(https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz) there"
+        ),
+    ),
+    "stl10": DatasetInfo(
+        name="stl10",
+        num_classes=10,
+        image_size=96,
+        # None: computed from the 5k labelled train images at load time rather than
+        # hard-coding constants we cannot verify offline.
+        mean=None,
+        std=None,
+        splits=("train", "test", "unlabeled"),
+        directory="stl10_binary",
+        how_to_get=(
+            "run `clusterlab data download stl10 --data-root ROOT` on a machine with internet, "
+            "or copy the extracted stl10_binary.tar.gz "
+            "(http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz) there"
+        ),
+    ),
+    "imagefolder": DatasetInfo(
+        name="imagefolder",
+        num_classes=None,  # number of class folders under ROOT/train
+        image_size=None,  # must be given explicitly
+        mean=None,
+        std=None,
+        splits=("train", "test"),
+        directory="",
+        how_to_get=(
+            "arrange your images as ROOT/train/<class>/<image> and ROOT/test/<class>/<image> "
+            "(test classes must be a subset of train classes)"
+        ),
+    ),
+    "digits": DatasetInfo(
+        name="digits",
+        num_classes=10,
+        # Native images are 8x8; they are served upscaled to 16x16 because
+        # random-resized crops of 8 px images leave too little to recognise.
+        image_size=16,
+        mean=None,
+        std=None,
+        splits=("train", "test"),
+        directory="",
+        how_to_get="bundled with scikit-learn (sklearn.datasets.load_digits); no files needed",
+    ),
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message names the exact missing path(s)
+    and how to obtain the files, so a failed run tells the user what to do.
+
+    ``missing`` holds the missing absolute paths.
+    """
+
+    def __init__(self, message: str, missing: Sequence[Path] = ()) -> None:
+        super().__init__(message)
+        self.missing: list[Path] = list(missing)
+
+
+def _info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}") from None
+
+
+def _check_splits(info: DatasetInfo, splits: Sequence[str]) -> None:
+    if isinstance(splits, str):
+        raise TypeError("splits must be a sequence of split names, not a single string")
+    for split in splits:
+        if split not in info.splits:
+            raise ValueError(
+                f"dataset {info.name!r} has no split {split!r}; allowed: {', '.join(info.splits)}"
+            )
+
+
+def _root(info: DatasetInfo, data_root: str | Path | None) -> Path | None:
+    """Absolute data root, or None for datasets that need no files."""
+    if info.name == "digits":
+        return None if data_root is None else Path(data_root).expanduser().absolute()
+    if data_root is None:
+        raise ValueError(
+            f"dataset {info.name!r} needs a data root (directory containing "
+            f"{info.directory or 'train/ and test/'}); to get the files: {info.how_to_get}"
+        )
+    return Path(data_root).expanduser().absolute()
+
+
+def _split_files(info: DatasetInfo, root: Path, split: str) -> list[Path]:
+    d = root / info.directory
+    if info.name == "cifar10":
+        return [d / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [d / "test_batch"]
+    if info.name == "cifar100_20":
+        return [d / split]
+    if info.name == "stl10":
+        if split == "unlabeled":
+            return [d / "unlabeled_X.bin"]
+        return [d / f"{split}_X.bin", d / f"{split}_y.bin"]
+    if info.name == "imagefolder":
+        return [root / split]
+    return []
+
+
+def expected_files(name: str, data_root: str | Path | None, splits: Sequence[str]) -> list[Path]:
+    """Absolute paths (files, or directories for imagefolder) that the given splits need.
+
+    Includes the metadata file torchvision also requires (``batches.meta`` /
+    ``meta``) so an incomplete copy is detected. Empty for ``digits``.
+    """
+    info = _info(name)
+    _check_splits(info, splits)
+    root = _root(info, data_root)
+    if root is None or info.name == "digits":
+        return []
+    paths: list[Path] = []
+    if info.name == "cifar10":
+        paths.append(root / info.directory / "batches.meta")
+    elif info.name == "cifar100_20":
+        paths.append(root / info.directory / "meta")
+    for split in splits:
+        for p in _split_files(info, root, split):
+            if p not in paths:
+                paths.append(p)
+    return paths
+
+
+def check_dataset(name: str, data_root: str | Path | None, splits: Sequence[str]) -> None:
+    """Fail fast, before any training starts, if the requested splits are not on disk.
+
+    Only checks existence (cheap, reads nothing). Raises ValueError for an unknown
+    dataset or split (or a missing ``data_root`` for file-based datasets), and
+    :class:`DatasetNotFoundError` listing every missing path plus how to get it.
+    """
+    info = _info(name)
+    paths = expected_files(name, data_root, splits)
+    if info.name == "imagefolder":
+        missing = [p for p in paths if not p.is_dir()]
+    else:
+        missing = [p for p in paths if not p.is_file()]
+    if missing:
+        root = _root(info, data_root)
+        lines = "\n".join(f"  {p}" for p in missing)
+        raise DatasetNotFoundError(
+            f"dataset {name!r} not found: {len(missing)} missing path(s) under data root {root}:\n"
+            f"{lines}\n"
+            f"How to get it (ROOT = {root}): {info.how_to_get}",
+            missing,
+        )
+
+
+# -------------------------------------------------------------------------- readers
+# Each raw reader returns (images, labels) at native size. ``images`` may be a lazy
+# (memory-mapped, non-contiguous) view so that the caller materialises exactly one
+# copy, possibly resized or concatenated with other parts.
+
+
+def _load_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    if not isinstance(entry, dict) or "data" not in entry:
+        raise ValueError(f"{path}: not a CIFAR batch (expected a pickled dict with 'data')")
+    return entry
+
+
+def _cifar_images(entry: dict, path: Path) -> np.ndarray:
+    data = np.asarray(entry["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_ROW_BYTES:
+        raise ValueError(f"{path}: 'data' must be uint8 (N, {_CIFAR_ROW_BYTES}), got {data.dtype} {data.shape}")
+    # Each row: 1024 R, 1024 G, 1024 B, each 32x32 row-major.
+    return data.reshape(-1, 3, _CIFAR_SIZE, _CIFAR_SIZE)
+
+
+def _read_cifar10(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for path in files:
+        entry = _load_pickle(path)
+        imgs = _cifar_images(entry, path)
+        labs = np.asarray(entry["labels"], dtype=np.int64)
+        if labs.shape != (imgs.shape[0],):
+            raise ValueError(f"{path}: {labs.shape[0]} labels for {imgs.shape[0]} images")
+        images.append(imgs)
+        labels.append(labs)
+    return np.concatenate(images) if len(images) > 1 else images[0], np.concatenate(labels)
+
+
+def _read_cifar100_20(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    entry = _load_pickle(path)
+    imgs = _cifar_images(entry, path)
+    fine = np.asarray(entry["fine_labels"], dtype=np.int64)
+    if fine.shape != (imgs.shape[0],):
+        raise ValueError(f"{path}: {fine.shape[0]} fine labels for {imgs.shape[0]} images")
+    if fine.size and (fine.min() < 0 or fine.max() >= len(CIFAR100_FINE_TO_COARSE)):
+        raise ValueError(f"{path}: fine labels outside 0..99")
+    coarse = np.asarray(CIFAR100_FINE_TO_COARSE, dtype=np.int64)[fine]
+    if "coarse_labels" in entry:
+        # Cross-check against the file's own superclasses: a mismatch means a
+        # corrupt/foreign file or a wrong mapping, either of which would silently
+        # poison every clustering metric.
+        stored = np.asarray(entry["coarse_labels"], dtype=np.int64)
+        if stored.shape != coarse.shape or not np.array_equal(stored, coarse):
+            raise ValueError(f"{path}: 'coarse_labels' disagree with CIFAR100_FINE_TO_COARSE")
+    return imgs, coarse
+
+
+def _read_stl10(files: list[Path], split: str) -> tuple[np.ndarray, np.ndarray]:
+    x_path = files[0]
+    size = x_path.stat().st_size
+    if size == 0 or size % _STL10_IMAGE_BYTES:
+        raise ValueError(f"{x_path}: size {size} is not a positive multiple of {_STL10_IMAGE_BYTES} (3x96x96)")
+    # Memory-mapped: nothing is read until the caller copies, and the copy it makes
+    # is the only in-memory one (the unlabeled split alone is 2.7 GB).
+    raw = np.memmap(x_path, dtype=np.uint8, mode="r")
+    # Stored column-major per channel, exactly as torchvision reads it.
+    images = raw.reshape(-1, 3, _STL10_SIZE, _STL10_SIZE).transpose(0, 1, 3, 2)
+    n = images.shape[0]
+    if split == "unlabeled":
+        return images, np.full(n, -1, dtype=np.int64)
+    labels = np.fromfile(files[1], dtype=np.uint8).astype(np.int64) - 1
+    if labels.shape != (n,):
+        raise ValueError(f"{files[1]}: {labels.shape[0]} labels for {n} images in {x_path}")
+    if n and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{files[1]}: labels must be 1..10 on disk")
+    return images, labels
+
+
+def _imagefolder_classes(root: Path) -> list[str]:
+    from torchvision.datasets.folder import find_classes
+
+    classes, _ = find_classes(str(root / "train"))
+    return classes
+
+
+def _read_imagefolder(root: Path, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    train_classes = _imagefolder_classes(root)
+    folder = ImageFolder(str(root / split))
+    extra = sorted(set(folder.classes) - set(train_classes))
+    if extra:
+        raise ValueError(
+            f"{root / split}: class folder(s) {extra} do not exist in {root / 'train'} "
+            f"(classes: {train_classes})"
+        )
+    to_train = {folder.class_to_idx[c]: train_classes.index(c) for c in folder.classes}
+    n = len(folder.samples)
+    images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
+    labels = np.empty(n, dtype=np.int64)
+    for i, (path, target) in enumerate(folder.samples):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), Image.BILINEAR)
+            images[i] = np.asarray(im).transpose(2, 0, 1)
+        labels[i] = to_train[target]
+    return images, labels
+
+
+def _read_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = np.rint(digits.data * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    x = np.repeat(x, 3, axis=1)
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    return (x_tr, y_tr) if split == "train" else (x_te, y_te)
+
+
+def _read_raw(info: DatasetInfo, root: Path | None, split: str, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if info.name == "digits":
+        return _read_digits(split)
+    assert root is not None
+    files = _split_files(info, root, split)
+    if info.name == "cifar10":
+        return _read_cifar10(files)
+    if info.name == "cifar100_20":
+        return _read_cifar100_20(files[0])
+    if info.name == "stl10":
+        return _read_stl10(files, split)
+    if info.name == "imagefolder":
+        assert image_size is not None
+        return _read_imagefolder(root, split, image_size)
+    raise AssertionError(info.name)  # pragma: no cover
+
+
+def _resize(chunk: np.ndarray, size: int) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(chunk)).to(torch.float32)
+    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def _materialize(parts: Sequence[tuple[np.ndarray, np.ndarray]], size: int) -> ImageArray:
+    """One uint8 C-contiguous array holding all parts at ``size``x``size``.
+
+    Copies (and resizes) chunk by chunk into a single preallocated output so that
+    lazy memory-mapped inputs are never duplicated in memory.
+    """
+    if len(parts) == 1:
+        imgs, labs = parts[0]
+        if (
+            imgs.shape[2:] == (size, size)
+            and imgs.flags.c_contiguous
+            and not isinstance(imgs, np.memmap)
+            and (imgs.base is None or not isinstance(imgs.base, np.memmap))
+        ):
+            return ImageArray(imgs, labs)
+    total = sum(p[0].shape[0] for p in parts)
+    out = np.empty((total, 3, size, size), dtype=np.uint8)
+    pos = 0
+    for imgs, _ in parts:
+        n = imgs.shape[0]
+        same = imgs.shape[2:] == (size, size)
+        for a in range(0, n, _CHUNK):
+            b = min(a + _CHUNK, n)
+            out[pos + a : pos + b] = imgs[a:b] if same else _resize(imgs[a:b], size)
+        pos += n
+    labels = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
+    return ImageArray(out, labels)
+
+
+def _target_size(info: DatasetInfo, image_size: int | None) -> int:
+    if image_size is None:
+        if info.image_size is None:
+            raise ValueError(f"dataset {info.name!r} needs an explicit image_size")
+        return info.image_size
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return int(image_size)
+
+
+def load_split(name: str, data_root: str | Path | None, split: str, image_size: int | None = None) -> ImageArray:
+    """Load one split as an :class:`ImageArray`.
+
+    ``image_size`` (square) defaults to the served size in :data:`DATASETS`; when it
+    differs from the stored size the images are resized with bilinear, antialiased
+    interpolation and rounded back to uint8 (digits are served at 16 by default).
+    ``imagefolder`` requires ``image_size``.
+    """
+    info = _info(name)
+    size = _target_size(info, image_size)
+    check_dataset(name, data_root, [split])
+    root = _root(info, data_root)
+    return _materialize([_read_raw(info, root, split, size)], size)
+
+
+def download_dataset(name: str, data_root: str | Path) -> None:
+    """Explicitly download and extract a dataset with torchvision (needs internet).
+
+    Never called implicitly: training only ever reads what is on disk.
+    """
+    info = _info(name)
+    if info.name not in ("cifar10", "cifar100_20", "stl10"):
+        raise ValueError(f"dataset {name!r} cannot be downloaded: {info.how_to_get}")
+    from torchvision import datasets as tvd
+
+    root = Path(data_root).expanduser().absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    if info.name == "cifar10":
+        tvd.CIFAR10(str(root), train=True, download=True)
+    elif info.name == "cifar100_20":
+        tvd.CIFAR100(str(root), train=True, download=True)
+    else:
+        tvd.STL10(str(root), split="train", download=True)
+    check_dataset(name, root, info.splits)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and (population) std in [0, 1] of uint8 ``(N, 3, H, W)`` images.
+
+    Accumulates in float64 chunk by chunk so a large split never gets a full
+    float copy.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 (N, 3, H, W) images, got {images.dtype} {images.shape}")
+    n_pix = images.shape[0] * images.shape[2] * images.shape[3]
+    if n_pix == 0:
+        raise ValueError("cannot compute channel statistics of an empty array")
+    s = np.zeros(3, dtype=np.float64)
+    sq = np.zeros(3, dtype=np.float64)
+    for a in range(0, images.shape[0], _CHUNK):
+        chunk = images[a : a + _CHUNK].astype(np.float64)
+        s += chunk.sum(axis=(0, 2, 3))
+        sq += np.square(chunk).sum(axis=(0, 2, 3))
+    mean = s / n_pix
+    var = np.maximum(sq / n_pix - mean**2, 0.0)
+    mean01 = mean / 255.0
+    std01 = np.sqrt(var) / 255.0
+    return (
+        (float(mean01[0]), float(mean01[1]), float(mean01[2])),
+        (float(std01[0]), float(std01[1]), float(std01[2])),
+    )
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Everything a run needs: what trains, a held-out validation part of the
+    training pool, the evaluation split (always ``test``), and normalisation."""
+
+    train: ImageArray
+    val: ImageArray
+    test: ImageArray
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _hold_out(pool: ImageArray, val_idx: np.ndarray) -> tuple[ImageArray, ImageArray]:
+    """Split ``pool`` into (train, val) in place, without a second full copy.
+
+    ``pool`` must be owned by the caller (it is overwritten). The val rows are
+    copied out first (small), then the remaining rows are compacted towards the
+    front in ascending order; since the k-th kept row index is always >= k, no
+    source row is overwritten before it is read.
+    """
+    n = len(pool)
+    keep = np.ones(n, dtype=bool)
+    keep[val_idx] = False
+    train_idx = np.flatnonzero(keep)
+    val = pool.subset(np.sort(val_idx))
+    images = pool.images
+    for a in range(0, train_idx.size, _CHUNK):
+        src = train_idx[a : a + _CHUNK]
+        images[a : a + src.size] = images[src]
+    train = ImageArray(images[: train_idx.size], pool.labels[train_idx])
+    return train, val
+
+
+def build_splits(
+    name: str,
+    data_root: str | Path | None,
+    protocol: str,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    image_size: int | None = None,
+) -> DataSplits:
+    """Assemble train/val/test for one evaluation protocol.
+
+    * ``"train"``: the train split trains.
+    * ``"train+test"``: train and test concatenated train (the standard
+      unsupervised-clustering protocol, e.g. MIX'EM Table 4).
+    * ``"train+unlabeled"``: STL-10 train plus its 100k unlabeled images.
+
+    Evaluation is always the ``test`` split. ``val_fraction`` of the training pool
+    is held out at random with ``np.random.default_rng(seed)`` (order within
+    train and val is preserved). ``mean``/``std`` come from :data:`DATASETS`, or
+    are computed from the dataset's ``train`` split (at the served size) when
+    ``None`` there, so they do not depend on protocol, seed or validation.
+    """
+    info = _info(name)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    pool_splits = protocol.split("+")
+    if "unlabeled" in pool_splits and "unlabeled" not in info.splits:
+        allowed = [n for n, i in DATASETS.items() if "unlabeled" in i.splits]
+        raise ValueError(
+            f"protocol {protocol!r} needs an 'unlabeled' split, which dataset {name!r} lacks; "
+            f"allowed datasets: {', '.join(allowed)}"
+        )
+    if not (0.0 <= float(val_fraction) < 1.0):
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    size = _target_size(info, image_size)
+    needed = list(dict.fromkeys(pool_splits + ["test"]))
+    check_dataset(name, data_root, needed)
+    root = _root(info, data_root)
+
+    raw = {split: _read_raw(info, root, split, size) for split in needed}
+    n_train_split = raw["train"][0].shape[0]
+    test = _materialize([raw["test"]], size)
+    # Every pool is owned here: either a fresh concatenation or the train
+    # reader's own array, never shared with ``test`` -- so it may be compacted
+    # in place by _hold_out.
+    pool = _materialize([raw[s] for s in pool_splits], size)
+    del raw
+
+    if info.mean is not None and info.std is not None:
+        mean, std = info.mean, info.std
+    else:
+        mean, std = channel_stats(pool.images[:n_train_split])
+
+    if info.num_classes is not None:
+        num_classes = info.num_classes
+    else:
+        assert root is not None
+        num_classes = len(_imagefolder_classes(root))
+
+    n_val = int(round(float(val_fraction) * len(pool)))
+    if n_val >= len(pool):
+        raise ValueError(f"val_fraction={val_fraction} leaves no training images out of {len(pool)}")
+    if n_val == 0:
+        train = pool
+        val = pool.subset(np.zeros(0, dtype=np.int64))
+    else:
+        rng = np.random.default_rng(seed)
+        val_idx = rng.permutation(len(pool))[:n_val]
+        train, val = _hold_out(pool, val_idx)
+    return DataSplits(train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std)

@@ -1,0 +1,528 @@
+"""Tests for clusterlab.data.datasets.
+
+Every file-based dataset is exercised with tiny files written here in the real
+on-disk format. Pixel probes are placed by computing byte offsets by hand (not by
+reusing the reader's reshape), so a wrong reshape or a missing STL-10 transpose
+fails; where possible the result is also cross-checked against torchvision's own
+loading code with its md5 checks disabled.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clusterlab.data import datasets as ds
+from clusterlab.data.datasets import (
+    DATASETS,
+    CIFAR100_FINE_TO_COARSE,
+    DatasetNotFoundError,
+    ImageArray,
+    build_splits,
+    channel_stats,
+    check_dataset,
+    expected_files,
+    load_split,
+)
+
+# ----------------------------------------------------------------------- writers
+
+
+def _id_rows(start: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3072) CIFAR rows: random noise, with the image id in bytes 0 and 1
+    (R channel, row 0, cols 0-1) so images can be identified after shuffling."""
+    rows = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    ids = np.arange(start, start + n)
+    rows[:, 0] = ids % 256
+    rows[:, 1] = ids // 256
+    return rows
+
+
+def _cifar_id(images: np.ndarray) -> np.ndarray:
+    return images[:, 0, 0, 0].astype(np.int64) + 256 * images[:, 0, 0, 1].astype(np.int64)
+
+
+def _dump(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    out: dict = {"train_rows": [], "train_labels": []}
+    for i in range(1, 6):
+        rows = _id_rows((i - 1) * per_batch, per_batch, rng)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        _dump(d / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": labels,
+                                      "data": rows, "filenames": [f"f{j}.png" for j in range(per_batch)]})
+        out["train_rows"].append(rows)
+        out["train_labels"] += labels
+    rows = _id_rows(1000, n_test, rng)
+    labels = [int(v) for v in rng.integers(0, 10, n_test)]
+    _dump(d / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": labels, "data": rows,
+                             "filenames": [f"t{j}.png" for j in range(n_test)]})
+    _dump(d / "batches.meta", {"num_cases_per_batch": 10000, "num_vis": 3072,
+                               "label_names": [f"class{k}" for k in range(10)]})
+    out["train_rows"] = np.concatenate(out["train_rows"])
+    out["test_rows"] = rows
+    out["test_labels"] = labels
+    return out
+
+
+def write_cifar100(root: Path, n_train: int = 200, n_test: int = 10, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-100-python"
+    out = {}
+    for split, n, start in (("train", n_train, 0), ("test", n_test, 5000)):
+        rows = _id_rows(start, n, rng)
+        fine = [int(v) for v in (np.arange(n) % 100 if split == "train" else rng.integers(0, 100, n))]
+        coarse = [CIFAR100_FINE_TO_COARSE[f] for f in fine]
+        _dump(d / split, {"filenames": [f"{j}.png" for j in range(n)], "batch_label": split,
+                          "fine_labels": fine, "coarse_labels": coarse, "data": rows})
+        out[split] = (rows, fine)
+    _dump(d / "meta", {"fine_label_names": [f"fine{k}" for k in range(100)],
+                       "coarse_label_names": [f"coarse{k}" for k in range(20)]})
+    return out
+
+
+STL_BYTES = 3 * 96 * 96
+
+
+def _stl_offset(n: int, c: int, row: int, col: int) -> int:
+    """Byte offset of pixel (row, col) of channel c of image n in an STL-10 X file:
+    each channel is stored column-major (column index varies slowest)."""
+    return n * STL_BYTES + c * 96 * 96 + col * 96 + row
+
+
+def write_stl10(root: Path, n_train: int = 12, n_test: int = 5, n_unl: int = 7, seed: int = 2) -> dict:
+    rng = np.random.default_rng(seed)
+    d = root / "stl10_binary"
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test), ("unlabeled", n_unl)):
+        buf = rng.integers(0, 200, size=n * STL_BYTES, dtype=np.uint8)
+        buf.tofile(d / f"{split}_X.bin")
+        out[split] = buf
+        if split != "unlabeled":
+            y = (np.arange(n) % 10 + 1).astype(np.uint8)  # 1..10 on disk
+            rng.shuffle(y)
+            y.tofile(d / f"{split}_y.bin")
+            out[split + "_y"] = y
+    (d / "class_names.txt").write_text("\n".join(f"c{k}" for k in range(10)) + "\n")
+    return out
+
+
+def write_imagefolder(root: Path, size: int = 10) -> None:
+    from PIL import Image
+
+    colours = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
+    for split, count in (("train", 3), ("test", 2)):
+        for cls, rgb in colours.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                arr = np.zeros((size, size, 3), dtype=np.uint8)
+                arr[:] = rgb
+                arr[1, 2] = (i * 10, 200, 7)  # one marker pixel at row 1, col 2
+                Image.fromarray(arr).save(root / split / cls / f"{i}.png")
+
+
+# ------------------------------------------------------------------------ mapping
+
+
+def test_cifar100_fine_to_coarse_mapping() -> None:
+    assert len(CIFAR100_FINE_TO_COARSE) == 100
+    counts = Counter(CIFAR100_FINE_TO_COARSE)
+    assert sorted(counts) == list(range(20))
+    assert all(v == 5 for v in counts.values())
+    assert CIFAR100_FINE_TO_COARSE[8] == 18  # bicycle -> vehicles_1
+    assert CIFAR100_FINE_TO_COARSE[58] == 18  # pickup_truck -> vehicles_1
+    assert CIFAR100_FINE_TO_COARSE[0] == 4  # apple -> fruit_and_vegetables
+    assert CIFAR100_FINE_TO_COARSE[4] == 0  # beaver -> aquatic_mammals
+
+
+def test_registry() -> None:
+    assert set(DATASETS) == {"cifar10", "cifar100_20", "stl10", "imagefolder", "digits"}
+    for name, info in DATASETS.items():
+        assert info.name == name
+        assert set(info.splits) <= set(ds.SPLIT_NAMES)
+        assert "test" in info.splits and "train" in info.splits
+        assert info.how_to_get
+    assert DATASETS["cifar10"].directory == "cifar-10-batches-py"
+    assert DATASETS["cifar100_20"].directory == "cifar-100-python"
+    assert DATASETS["stl10"].directory == "stl10_binary"
+    assert DATASETS["stl10"].splits == ("train", "test", "unlabeled")
+    assert DATASETS["digits"].image_size == 16
+    assert DATASETS["imagefolder"].image_size is None
+
+
+# -------------------------------------------------------------------------- CIFAR
+
+
+def test_cifar10_layout_and_labels(tmp_path: Path) -> None:
+    w = write_cifar10(tmp_path)
+    tr = load_split("cifar10", tmp_path, "train")
+    te = load_split("cifar10", tmp_path, "test")
+    assert tr.images.shape == (20, 3, 32, 32) and te.images.shape == (6, 3, 32, 32)
+    for a in (tr, te):
+        assert a.images.dtype == np.uint8 and a.images.flags.c_contiguous
+        assert a.labels.dtype == np.int64
+    np.testing.assert_array_equal(tr.labels, w["train_labels"])
+    np.testing.assert_array_equal(te.labels, w["test_labels"])
+    np.testing.assert_array_equal(_cifar_id(tr.images), np.arange(20))  # batch order kept
+    # Hand-computed offsets: row byte = c * 1024 + r * 32 + col.
+    rows = w["train_rows"]
+    for n, c, r, col in [(0, 0, 5, 7), (13, 1, 31, 0), (19, 2, 3, 30), (7, 2, 31, 31)]:
+        assert tr.images[n, c, r, col] == rows[n, c * 1024 + r * 32 + col]
+    np.testing.assert_array_equal(tr.images.reshape(20, -1), rows)
+
+
+def test_cifar_matches_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets.cifar as tvc
+
+    write_cifar10(tmp_path)
+    write_cifar100(tmp_path)
+    monkeypatch.setattr(tvc, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(tvc.CIFAR10, "_check_integrity", lambda self: True)
+    for train in (True, False):
+        ref = tvc.CIFAR10(str(tmp_path), train=train)
+        ours = load_split("cifar10", tmp_path, "train" if train else "test")
+        np.testing.assert_array_equal(ours.images.transpose(0, 2, 3, 1), ref.data)
+        np.testing.assert_array_equal(ours.labels, ref.targets)
+        ref100 = tvc.CIFAR100(str(tmp_path), train=train)
+        ours100 = load_split("cifar100_20", tmp_path, "train" if train else "test")
+        np.testing.assert_array_equal(ours100.images.transpose(0, 2, 3, 1), ref100.data)
+        np.testing.assert_array_equal(ours100.labels, np.asarray(CIFAR100_FINE_TO_COARSE)[ref100.targets])
+
+
+def test_cifar100_20_labels(tmp_path: Path) -> None:
+    w = write_cifar100(tmp_path)
+    tr = load_split("cifar100_20", tmp_path, "train")
+    te = load_split("cifar100_20", tmp_path, "test")
+    assert tr.images.shape == (200, 3, 32, 32) and te.images.shape == (10, 3, 32, 32)
+    for a, split in ((tr, "train"), (te, "test")):
+        fine = w[split][1]
+        np.testing.assert_array_equal(a.labels, [CIFAR100_FINE_TO_COARSE[f] for f in fine])
+        assert a.labels.min() >= 0 and a.labels.max() <= 19
+    assert set(tr.labels.tolist()) == set(range(20))
+    assert tr.labels[8] == 18 and tr.labels[58] == 18 and tr.labels[0] == 4 and tr.labels[4] == 0
+    assert tr.images[3, 1, 2, 9] == w["train"][0][3, 1024 + 2 * 32 + 9]
+
+
+def test_cifar100_inconsistent_coarse_labels_rejected(tmp_path: Path) -> None:
+    write_cifar100(tmp_path)
+    path = tmp_path / "cifar-100-python" / "test"
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry["coarse_labels"][0] = (entry["coarse_labels"][0] + 1) % 20
+    _dump(path, entry)
+    with pytest.raises(ValueError, match="coarse_labels"):
+        load_split("cifar100_20", tmp_path, "test")
+
+
+def test_cifar_bad_row_length_rejected(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    _dump(tmp_path / "cifar-10-batches-py" / "test_batch",
+          {"data": np.zeros((2, 3000), np.uint8), "labels": [0, 1]})
+    with pytest.raises(ValueError, match="3072"):
+        load_split("cifar10", tmp_path, "test")
+
+
+# ------------------------------------------------------------------------- STL-10
+
+
+def test_stl10_column_major_and_labels(tmp_path: Path) -> None:
+    w = write_stl10(tmp_path)
+    tr = load_split("stl10", tmp_path, "train")
+    te = load_split("stl10", tmp_path, "test")
+    un = load_split("stl10", tmp_path, "unlabeled")
+    assert tr.images.shape == (12, 3, 96, 96) and te.images.shape == (5, 3, 96, 96)
+    assert un.images.shape == (7, 3, 96, 96)
+    for a in (tr, te, un):
+        assert a.images.dtype == np.uint8 and a.images.flags.c_contiguous
+    np.testing.assert_array_equal(tr.labels, w["train_y"].astype(np.int64) - 1)
+    assert tr.labels.min() == 0 and tr.labels.max() == 9
+    assert np.all(un.labels == -1) and un.labels.dtype == np.int64
+    # Non-symmetric probes: (row, col) != (col, row) so a missing transpose fails.
+    for n, c, r, col in [(0, 0, 3, 80), (5, 1, 90, 2), (11, 2, 0, 95), (3, 1, 40, 41)]:
+        assert tr.images[n, c, r, col] == w["train"][_stl_offset(n, c, r, col)]
+    assert un.images[6, 2, 10, 20] == w["unlabeled"][_stl_offset(6, 2, 10, 20)]
+
+
+def test_stl10_matches_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import STL10
+
+    write_stl10(tmp_path)
+    monkeypatch.setattr(STL10, "_check_integrity", lambda self: True)
+    for split in ("train", "test", "unlabeled"):
+        ref = STL10(str(tmp_path), split=split)
+        ours = load_split("stl10", tmp_path, split)
+        np.testing.assert_array_equal(ours.images, ref.data)
+        np.testing.assert_array_equal(ours.labels, ref.labels)
+
+
+def test_stl10_truncated_file_rejected(tmp_path: Path) -> None:
+    write_stl10(tmp_path)
+    path = tmp_path / "stl10_binary" / "test_X.bin"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="multiple"):
+        load_split("stl10", tmp_path, "test")
+
+
+# ---------------------------------------------------------------------- protocols
+
+
+def test_protocols(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    s = build_splits("cifar10", tmp_path, "train")
+    assert len(s.train) == 20 and len(s.val) == 0 and len(s.test) == 6
+    assert s.val.images.shape == (0, 3, 32, 32)
+    assert s.num_classes == 10
+    assert s.mean == DATASETS["cifar10"].mean and s.std == DATASETS["cifar10"].std
+    s2 = build_splits("cifar10", tmp_path, "train+test")
+    assert len(s2.train) == 20 + 6
+    np.testing.assert_array_equal(_cifar_id(s2.train.images), list(range(20)) + list(range(1000, 1006)))
+    np.testing.assert_array_equal(_cifar_id(s2.test.images), np.arange(1000, 1006))  # eval is test
+    with pytest.raises(ValueError, match=r"train\+unlabeled.*stl10"):
+        build_splits("cifar10", tmp_path, "train+unlabeled")
+    with pytest.raises(ValueError, match="protocol"):
+        build_splits("cifar10", tmp_path, "test")
+
+
+def test_stl10_train_plus_unlabeled(tmp_path: Path) -> None:
+    w = write_stl10(tmp_path)
+    s = build_splits("stl10", tmp_path, "train+unlabeled")
+    assert len(s.train) == 12 + 7 and len(s.test) == 5
+    np.testing.assert_array_equal(s.train.labels[:12], w["train_y"].astype(np.int64) - 1)
+    assert np.all(s.train.labels[12:] == -1)
+    assert s.train.images[12, 2, 10, 20] == w["unlabeled"][_stl_offset(0, 2, 10, 20)]
+    np.testing.assert_array_equal(s.test.labels, w["test_y"].astype(np.int64) - 1)
+    # stl10 has no stored stats: computed from the labelled train split only.
+    tr = load_split("stl10", tmp_path, "train")
+    assert s.mean == pytest.approx(channel_stats(tr.images)[0])
+    assert s.std == pytest.approx(channel_stats(tr.images)[1])
+
+
+def test_val_fraction_holdout(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    s = build_splits("cifar10", tmp_path, "train+test", val_fraction=0.25, seed=3)
+    assert len(s.val) == round(0.25 * 26) == 6 and len(s.train) == 20
+    tr_ids, val_ids = _cifar_id(s.train.images), _cifar_id(s.val.images)
+    assert not set(tr_ids) & set(val_ids)
+    assert sorted(set(tr_ids) | set(val_ids)) == list(range(20)) + list(range(1000, 1006))
+    # labels travel with their images
+    full = build_splits("cifar10", tmp_path, "train+test")
+    by_id = dict(zip(_cifar_id(full.train.images).tolist(), full.train.labels.tolist()))
+    assert [by_id[i] for i in tr_ids] == s.train.labels.tolist()
+    assert [by_id[i] for i in val_ids] == s.val.labels.tolist()
+    # whole images (not just the id bytes) survive the in-place compaction
+    pos = {i: k for k, i in enumerate(_cifar_id(full.train.images).tolist())}
+    np.testing.assert_array_equal(s.train.images, full.train.images[[pos[i] for i in tr_ids]])
+    np.testing.assert_array_equal(s.val.images, full.train.images[[pos[i] for i in val_ids]])
+    # seeded: same seed -> same split, other seed -> different split
+    again = build_splits("cifar10", tmp_path, "train+test", val_fraction=0.25, seed=3)
+    np.testing.assert_array_equal(_cifar_id(again.val.images), val_ids)
+    other = build_splits("cifar10", tmp_path, "train+test", val_fraction=0.25, seed=4)
+    assert set(_cifar_id(other.val.images)) != set(val_ids)
+    with pytest.raises(ValueError):
+        build_splits("cifar10", tmp_path, "train", val_fraction=1.0)
+
+
+# ------------------------------------------------------------------------- digits
+
+
+def test_digits() -> None:
+    check_dataset("digits", None, ["train", "test"])
+    assert expected_files("digits", None, ["train"]) == []
+    tr = load_split("digits", None, "train")
+    te = load_split("digits", None, "test")
+    assert len(tr) + len(te) == 1797
+    assert len(te) == 360 and len(tr) == 1437
+    assert tr.images.shape == (1437, 3, 16, 16) and tr.images.dtype == np.uint8
+    assert set(tr.labels.tolist()) == set(range(10)) == set(te.labels.tolist())
+    np.testing.assert_array_equal(tr.images[:, 0], tr.images[:, 2])
+    # stratified: every class keeps ~20 % of its images in test
+    for k in range(10):
+        frac = (te.labels == k).sum() / ((te.labels == k).sum() + (tr.labels == k).sum())
+        assert abs(frac - 0.2) < 0.02
+    native = load_split("digits", None, "train", image_size=8)
+    assert native.images.shape == (1437, 3, 8, 8)
+    assert native.images.max() == 255 and native.images.min() == 0
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().data.reshape(-1, 8, 8)
+    scaled = {np.rint(img * 255 / 16).astype(np.uint8).tobytes() for img in raw}
+    assert all(img[0].tobytes() in scaled for img in native.images[:20])
+    s = build_splits("digits", None, "train", val_fraction=0.1)
+    assert s.num_classes == 10 and len(s.val) == round(0.1 * 1437)
+    assert s.mean == pytest.approx(channel_stats(tr.images)[0])
+    assert 0.1 < s.mean[0] < 0.6 and 0.1 < s.std[0] < 0.6
+
+
+# ------------------------------------------------------------------------- resize
+
+
+def test_resize(tmp_path: Path) -> None:
+    w = write_cifar10(tmp_path)
+    small = load_split("cifar10", tmp_path, "test", image_size=16)
+    assert small.images.shape == (6, 3, 16, 16) and small.images.dtype == np.uint8
+    assert small.images.flags.c_contiguous
+    native = load_split("cifar10", tmp_path, "test")
+    ref = F.interpolate(torch.from_numpy(native.images).float(), size=(16, 16), mode="bilinear",
+                        align_corners=False, antialias=True).round().clamp(0, 255).to(torch.uint8)
+    np.testing.assert_array_equal(small.images, ref.numpy())
+    np.testing.assert_array_equal(small.labels, w["test_labels"])
+    # constant colour planes stay exactly constant, in the right channel
+    rows = np.zeros((1, 3072), np.uint8)
+    rows[0, :1024], rows[0, 1024:2048], rows[0, 2048:] = 10, 128, 250
+    _dump(tmp_path / "cifar-10-batches-py" / "test_batch", {"data": rows, "labels": [3]})
+    big = load_split("cifar10", tmp_path, "test", image_size=48)
+    assert big.images.shape == (1, 3, 48, 48)
+    assert [np.unique(big.images[0, c]).tolist() for c in range(3)] == [[10], [128], [250]]
+    s = build_splits("cifar10", tmp_path, "train+test", image_size=8)
+    assert s.train.images.shape == (21, 3, 8, 8) and s.test.images.shape == (1, 3, 8, 8)
+
+
+# ------------------------------------------------------------------ missing files
+
+
+def test_missing_files_message(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    d = tmp_path / "cifar-10-batches-py"
+    (d / "data_batch_3").unlink()
+    (d / "data_batch_5").unlink()
+    check_dataset("cifar10", tmp_path, ["test"])  # test split is complete
+    with pytest.raises(DatasetNotFoundError) as exc:
+        check_dataset("cifar10", tmp_path, ["train", "test"])
+    msg = str(exc.value)
+    assert str((d / "data_batch_3").absolute()) in msg
+    assert str((d / "data_batch_5").absolute()) in msg
+    assert "data_batch_1" not in msg and "test_batch" not in msg
+    assert DATASETS["cifar10"].how_to_get in msg
+    assert isinstance(exc.value, FileNotFoundError)
+    assert exc.value.missing == [d / "data_batch_3", d / "data_batch_5"]
+    with pytest.raises(DatasetNotFoundError, match="data_batch_3"):
+        load_split("cifar10", tmp_path, "train")
+    with pytest.raises(DatasetNotFoundError, match="data_batch_3"):
+        build_splits("cifar10", tmp_path, "train")
+
+
+def test_missing_dataset_entirely(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as exc:
+        check_dataset("stl10", tmp_path / "nowhere", ["train", "unlabeled"])
+    msg = str(exc.value)
+    for f in ("train_X.bin", "train_y.bin", "unlabeled_X.bin"):
+        assert str(tmp_path / "nowhere" / "stl10_binary" / f) in msg
+    assert "test_X.bin" not in msg
+    assert DATASETS["stl10"].how_to_get in msg
+    with pytest.raises(DatasetNotFoundError, match="batches.meta"):
+        check_dataset("cifar10", tmp_path, ["test"])
+    with pytest.raises(ValueError, match="data root"):
+        check_dataset("cifar10", None, ["train"])
+
+
+def test_unknown_names() -> None:
+    with pytest.raises(ValueError) as exc:
+        check_dataset("mnist", "/tmp", ["train"])
+    for name in DATASETS:
+        assert name in str(exc.value)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_split("cifar1O", "/tmp", "train")
+    with pytest.raises(ValueError, match="unlabeled"):
+        check_dataset("cifar10", "/tmp", ["unlabeled"])
+    with pytest.raises(ValueError):
+        ds.download_dataset("digits", "/tmp")
+    with pytest.raises(ValueError):
+        ds.download_dataset("imagefolder", "/tmp")
+
+
+# -------------------------------------------------------------------- imagefolder
+
+
+def test_imagefolder(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, size=10)
+    with pytest.raises(ValueError, match="image_size"):
+        load_split("imagefolder", tmp_path, "train")
+    tr = load_split("imagefolder", tmp_path, "train", image_size=10)
+    assert tr.images.shape == (6, 3, 10, 10) and tr.images.dtype == np.uint8
+    np.testing.assert_array_equal(tr.labels, [0, 0, 0, 1, 1, 1])  # cat, dog (sorted)
+    assert tr.images[0, 0, 5, 5] == 255 and tr.images[0, 2, 5, 5] == 0  # cat is red
+    assert tr.images[3, 2, 5, 5] == 255 and tr.images[3, 0, 5, 5] == 0  # dog is blue
+    assert tr.images[1, :, 1, 2].tolist() == [10, 200, 7]  # marker at row 1, col 2
+    assert tr.images[1, :, 2, 1].tolist() == [255, 0, 0]
+    small = load_split("imagefolder", tmp_path, "test", image_size=4)
+    assert small.images.shape == (4, 3, 4, 4)
+    s = build_splits("imagefolder", tmp_path, "train+test", image_size=10)
+    assert s.num_classes == 2 and len(s.train) == 10 and len(s.test) == 4
+    assert s.mean == pytest.approx(channel_stats(tr.images)[0])
+
+
+def test_imagefolder_test_subset_and_extra_class(tmp_path: Path) -> None:
+    from PIL import Image
+
+    write_imagefolder(tmp_path, size=6)
+    # test holding only the second class keeps the train index of that class
+    for p in (tmp_path / "test" / "cat").iterdir():
+        p.unlink()
+    (tmp_path / "test" / "cat").rmdir()
+    te = load_split("imagefolder", tmp_path, "test", image_size=6)
+    np.testing.assert_array_equal(te.labels, [1, 1])
+    (tmp_path / "test" / "zebra").mkdir()
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "test" / "zebra" / "0.png")
+    with pytest.raises(ValueError, match="zebra"):
+        load_split("imagefolder", tmp_path, "test", image_size=6)
+
+
+def test_imagefolder_missing_test_dir(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "test")
+    with pytest.raises(DatasetNotFoundError) as exc:
+        build_splits("imagefolder", tmp_path, "train", image_size=8)
+    assert str(tmp_path / "test") in str(exc.value)
+
+
+# ---------------------------------------------------------------- small utilities
+
+
+def test_channel_stats() -> None:
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(1100, 3, 4, 5), dtype=np.uint8)  # > one chunk
+    imgs[:, 1] //= 2
+    mean, std = channel_stats(imgs)
+    f = imgs.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, f.mean(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_allclose(std, f.std(axis=(0, 2, 3)), rtol=1e-8)
+    assert mean[1] < mean[0]
+    assert channel_stats(np.full((2, 3, 2, 2), 255, np.uint8)) == ((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+
+
+def test_image_array() -> None:
+    imgs = np.arange(5 * 3 * 2 * 2, dtype=np.uint8).reshape(5, 3, 2, 2)
+    a = ImageArray(imgs, np.array([0, 1, 2, 3, 4], dtype=np.int32))
+    assert len(a) == 5 and a.labels.dtype == np.int64
+    b = a.subset(np.array([4, 1]))
+    assert b.labels.tolist() == [4, 1]
+    np.testing.assert_array_equal(b.images[0], imgs[4])
+    c = ImageArray.concat([a, b])
+    assert len(c) == 7 and c.labels.tolist() == [0, 1, 2, 3, 4, 4, 1]
+    assert a.subset(np.array([True, False, False, False, True])).labels.tolist() == [0, 4]
+    with pytest.raises(ValueError):
+        ImageArray.concat([a, ImageArray(np.zeros((1, 3, 3, 3), np.uint8), np.zeros(1, np.int64))])
+    with pytest.raises(TypeError):
+        ImageArray(imgs.astype(np.float32), np.zeros(5, np.int64))
+    with pytest.raises(ValueError):
+        ImageArray(imgs, np.zeros(4, np.int64))
+    with pytest.raises(ValueError):
+        ImageArray(imgs[:, :1], np.zeros(5, np.int64))
+    # non-contiguous input is made C-contiguous
+    t = ImageArray(np.ascontiguousarray(imgs.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2), np.zeros(5, np.int64))
+    assert t.images.flags.c_contiguous
