@@ -1,0 +1,72 @@
+"""The method interface and registry."""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Mapping, TypeVar
+
+import torch
+from torch import nn
+
+from clusterlab.config import ExperimentConfig
+
+METHODS: dict[str, type["Method"]] = {}
+
+M = TypeVar("M", bound=type["Method"])
+
+
+def register(name: str) -> Callable[[M], M]:
+    """Class decorator adding a method to :data:`METHODS` under its config name."""
+
+    def add(cls: M) -> M:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+class Method(nn.Module):
+    """One self-supervised method.
+
+    ``forward`` is the training step's model part: it takes the views made by
+    :meth:`make_views` and returns ``{"terms": {name: unweighted loss}, "stats": {name: value}}``.
+    It is ``forward`` (not a separate method) so that DDP's gradient hooks see it.
+    """
+
+    name: ClassVar[str]
+    #: the named loss terms ``forward`` returns, in logging order
+    loss_terms: ClassVar[tuple[str, ...]]
+    #: weight of each term unless ``loss.weights`` overrides it
+    default_weights: ClassVar[Mapping[str, float]]
+
+    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
+                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.weights: dict[str, float] = {**self.default_weights, **cfg.loss.weights}
+
+    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 (N, 3, H, W) batch on the device -> the method's normalised float views."""
+        raise NotImplementedError
+
+    def total_loss(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted sum of the named terms (e.g. MIX'EM Eq. 9)."""
+        return sum((self.weights[name] * terms[name] for name in self.loss_terms if self.weights[name]),
+                   torch.zeros((), device=next(iter(terms.values())).device))
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone representation h = f(x) that evaluation clusters."""
+        raise NotImplementedError
+
+    def eval_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What evaluation extracts per image; methods add their own columns."""
+        return {"representation": self.representation(x)}
+
+
+def build_method(cfg: ExperimentConfig, num_classes: int, image_size: int,
+                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> Method:
+    return METHODS[cfg.method](cfg, num_classes, image_size, mean, std)

@@ -1,0 +1,75 @@
+"""Training checkpoints: one ``checkpoint.pt`` (+ a readable ``config.yaml``) per directory.
+
+A checkpoint holds everything needed to resume training (model, optimiser, scheduler, the
+number of completed epochs) and to rebuild the model for evaluation without the dataset
+(the config and the data statistics the model was trained with).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clusterlab.config import ExperimentConfig, build_config
+from clusterlab.trainers.base import Method, build_method
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class DataMeta:
+    """What the model needs to know about its data: classes, size and normalisation."""
+
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def save_checkpoint(directory: str | Path, *, method: Method, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, epochs_done: int, meta: DataMeta) -> Path:
+    """Write the checkpoint atomically (temp file + rename), so a kill never leaves half a file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epochs_done": epochs_done,
+        "config": method.cfg.model_dump(mode="json"),
+        "meta": meta.__dict__,
+    }
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    (directory / "config.yaml").write_text(method.cfg.to_yaml())
+    return directory / CHECKPOINT_FILE
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file or directory onto the CPU, with a clear error if it is unusable."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {file} (expected a directory containing {CHECKPOINT_FILE})")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise ValueError(f"checkpoint {file} is unreadable ({type(exc).__name__}: {exc})") from None
+    missing = {"model", "config", "meta", "epochs_done"} - set(state)
+    if missing:
+        raise ValueError(f"checkpoint {file} lacks {sorted(missing)}; it was not written by clusterlab")
+    return state
+
+
+def method_from_checkpoint(state: dict[str, Any]) -> tuple[Method, ExperimentConfig, DataMeta]:
+    """Rebuild the trained method (in eval mode, on the CPU) from :func:`read_checkpoint`'s result."""
+    cfg = build_config(state["config"], source="checkpoint config")
+    meta = DataMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["meta"].items()})
+    method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
+    method.load_state_dict(state["model"])
+    return method.eval(), cfg, meta

@@ -1,0 +1,59 @@
+"""SimCLR (Chen et al. 2020) as reviewed in MIX'EM Sec. 3.1."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clusterlab.config import ExperimentConfig
+from clusterlab.data.augment import BatchAugment, Normalize
+from clusterlab.models import ProjectionHead, build_backbone
+from clusterlab.trainers.base import Method, register
+
+
+def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent, MIX'EM Eq. 1-2.
+
+    ``z_a[i]`` and ``z_b[i]`` are the embeddings of two views of image i. With the 2N views
+    stacked and sim(u, v) the cosine similarity,
+
+        l(i, j) = -log( exp(sim(i, j)/tau) / sum_{k != i} exp(sim(i, k)/tau) )      (Eq. 1)
+        L = 1/(2N) sum_i [ l(i, j) + l(j, i) ]                                        (Eq. 2)
+
+    i.e. a (2N-1)-way cross-entropy per view whose target is its positive.
+    """
+    if z_a.shape != z_b.shape or z_a.ndim != 2:
+        raise ValueError(f"expected two (N, D) tensors of the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    n = z_a.shape[0]
+    z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)
+    logits = z @ z.t() / temperature
+    logits.fill_diagonal_(float("-inf"))  # k != i
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
+@register("simclr")
+class SimCLR(Method):
+    """Backbone f + projection head g, trained with NT-Xent on two augmented views."""
+
+    loss_terms = ("contrast",)
+    default_weights = {"contrast": 1.0}
+
+    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
+                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__(cfg, num_classes, image_size, mean, std)
+        self.backbone, feat_dim = build_backbone(cfg.model, image_size)
+        self.head = ProjectionHead(feat_dim, cfg.model.hidden_dim or feat_dim, cfg.model.embedding_dim)
+        self.augment = BatchAugment(cfg.augment, image_size, mean, std)
+        self.normalize = Normalize(mean, std)
+
+    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.augment(images), self.augment(images)]
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        n = views[0].shape[0]
+        z = self.head(self.backbone(torch.cat(views)))
+        return {"terms": {"contrast": nt_xent_loss(z[:n], z[n:], self.cfg.loss.temperature)}, "stats": {}}
