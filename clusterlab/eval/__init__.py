@@ -1,0 +1,1 @@
+"""Evaluation: feature extraction, clustering and metrics (plain PyTorch / NumPy)."""
