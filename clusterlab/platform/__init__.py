@@ -1,0 +1,1 @@
+"""Ray + MLflow glue. The only package that imports ``ray`` or ``mlflow``."""

@@ -1,0 +1,194 @@
+"""The training loop: a plain function of a config and a :class:`TrainSession`.
+
+Ray Train runs :func:`fit` in every worker through a :class:`RaySession`
+(``clusterlab.platform.train``); unit tests run it in-process through :class:`LocalSession`
+(world size 1), so the loop itself is tested without starting Ray.
+
+Per step there is no host-device synchronisation: loss values are accumulated on the device
+and read once per epoch. Data stay on the device as uint8 and are augmented there in batches.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from clusterlab.config import ExperimentConfig
+from clusterlab.data.datasets import build_splits
+from clusterlab.trainers import Method, build_method
+from clusterlab.trainers.checkpoint import DataMeta, read_checkpoint, save_checkpoint
+from clusterlab.trainers.optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf; retrying with the same settings would fail again."""
+
+
+class TrainSession(Protocol):
+    """What the loop needs from its runner."""
+
+    world_rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move to the device and wrap for data parallelism (DDP) where world_size > 1."""
+
+    def latest_checkpoint(self) -> Path | None:
+        """Directory of the checkpoint to resume from, if any."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        """Publish one epoch's metrics (all ranks) and rank 0's checkpoint directory."""
+
+
+class LocalSession:
+    """In-process, single-worker session: checkpoints go to ``directory/epoch_XXXX``."""
+
+    world_rank = 0
+    world_size = 1
+
+    def __init__(self, directory: str | Path, device: str | torch.device = "cpu") -> None:
+        self.directory = Path(directory)
+        self.device = torch.device(device)
+        self.history: list[dict[str, float]] = []
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.directory.glob("epoch_*"))
+        return found[-1] if found else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        self.history.append(metrics)
+        if checkpoint_dir is not None:
+            target = self.directory / f"epoch_{int(metrics['epoch']):04d}"
+            target.mkdir(parents=True, exist_ok=False)
+            for f in checkpoint_dir.iterdir():
+                f.replace(target / f.name)
+
+
+def _shard_indices(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """(steps, batch_size // world) indices: the same global permutation on every rank, each
+    rank taking its slice of every global batch; the incomplete last batch is dropped."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    steps = n // batch_size
+    perm = torch.randperm(n, generator=g)[: steps * batch_size].view(steps, world, batch_size // world)
+    return perm[:, rank]
+
+
+def _autocast(device: torch.device) -> Any:
+    # bf16 autocast on GPUs; on CPUs bf16 matmuls are slower than fp32 on most cores.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, batches: torch.Tensor,
+               device: torch.device, optimizer: torch.optim.Optimizer | None, scheduler: Any) -> dict[str, torch.Tensor]:
+    """One pass over ``batches``; returns per-step means of the total loss (``loss``), each
+    term (``loss_<term>``) and each stat, still on the device (no host sync)."""
+    sums: dict[str, torch.Tensor] = {}
+    for idx in batches:
+        views = method.make_views(images[idx.to(device, non_blocking=True)])
+        if device.type == "cuda":
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with _autocast(device):
+            out = model(views)
+        total = method.total_loss(out["terms"])
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            scheduler.step()
+        step = {"loss": total, **{f"loss_{k}": v for k, v in out["terms"].items()}, **out["stats"]}
+        for name, value in step.items():
+            value = value.detach().float()
+            sums[name] = sums[name] + value if name in sums else value
+    return {name: value / len(batches) for name, value in sums.items()}
+
+
+def _mean_over_workers(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """Average device scalars across ranks and bring them to the host in one transfer."""
+    names = sorted(values)
+    stacked = torch.stack([values[n] for n in names])
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked = stacked / world
+    return dict(zip(names, stacked.tolist()))
+
+
+def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
+    """Train ``cfg.method`` for ``cfg.epochs`` epochs, resuming from the session's checkpoint."""
+    device = session.device
+    rank, world = session.world_rank, session.world_size
+    torch.manual_seed(cfg.seed + rank)  # augmentation differs per rank; init is synced by DDP
+    np.random.seed(cfg.seed + rank)
+
+    splits = build_splits(cfg.data.name, cfg.data.root, cfg.data.protocol, cfg.data.val_fraction,
+                          cfg.seed, cfg.data.image_size)
+    image_size = splits.train.images.shape[-1]
+    meta = DataMeta(splits.num_classes, image_size, tuple(splits.mean), tuple(splits.std))
+    train_images = torch.from_numpy(splits.train.images).to(device)
+    val_images = torch.from_numpy(splits.val.images).to(device)
+    if cfg.batch_size > len(splits.train):
+        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(splits.train)})")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
+    model = session.prepare_model(method)
+    optimizer = build_optimizer(cfg.optim, method.parameters(), fused=device.type == "cuda")
+    steps_per_epoch = len(splits.train) // cfg.batch_size
+    scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, steps_per_epoch)
+
+    start_epoch = 0
+    resume_dir = session.latest_checkpoint()
+    if resume_dir is not None:
+        state = read_checkpoint(resume_dir)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epochs_done"]
+    torch.manual_seed(cfg.seed * 7919 + rank * 31 + start_epoch)  # resumed runs draw fresh augmentations
+
+    # Validation loss (supplementary 1.3: it guides model selection) on fixed batches, so that
+    # epochs are comparable; skipped when the validation split cannot fill one batch per rank.
+    val_batch = min(cfg.batch_size, len(splits.val) // world * world)
+    val_batches = (_shard_indices(len(splits.val), val_batch, 0, cfg.seed, rank, world)
+                   if val_batch >= 2 * world else None)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        batches = _shard_indices(len(splits.train), cfg.batch_size, epoch, cfg.seed, rank, world)
+        lr = optimizer.param_groups[0]["lr"]
+        train = _mean_over_workers(_run_epoch(method, model, train_images, batches, device, optimizer, scheduler), world)
+        seconds = time.perf_counter() - t0
+        metrics: dict[str, float] = {"epoch": float(epoch + 1), "lr": lr, "epoch_seconds": seconds,
+                                     "images_per_second": len(batches) * cfg.batch_size / seconds}
+        metrics.update({f"train_{k}" if k.startswith("loss") else k: v for k, v in train.items()})
+        if val_batches is not None:
+            model.eval()
+            with torch.no_grad():
+                val = _run_epoch(method, model, val_images, val_batches, device, None, None)
+            metrics["val_loss"] = _mean_over_workers({"loss": val["loss"]}, world)["loss"]
+
+        if not all(math.isfinite(v) for v in metrics.values()):
+            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+            raise NonFiniteLossError(f"non-finite {bad} at epoch {epoch + 1}; lower optim.lr or check the data")
+
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, method=method, optimizer=optimizer, scheduler=scheduler,
+                                epochs_done=epoch + 1, meta=meta)
+                session.report(metrics, Path(tmp))
+            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+        else:
+            session.report(metrics, None)

@@ -1,0 +1,204 @@
+"""Run one training job on Ray Train, track it in MLflow, evaluate it.
+
+``train()`` is what ``clusterlab train`` and ``clusterlab demo`` call:
+
+1. preflight: config and data checked before Ray starts (bad input never costs a cluster);
+2. MLflow run created, or found again when the run name repeats (resume);
+3. ``TorchTrainer`` runs :func:`clusterlab.platform.loop.fit` on N workers (gloo on CPU,
+   NCCL on GPU); rank 0 logs each epoch to MLflow and hands Ray the epoch's checkpoint;
+4. the final checkpoint is evaluated and logged; the run ends FINISHED, FAILED or KILLED.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clusterlab.config import ConfigError, ExperimentConfig, build_config
+from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
+from clusterlab.platform import tracking
+from clusterlab.platform.loop import NonFiniteLossError, fit
+
+PROTOCOL_SPLITS = {"train": ("train", "test"), "train+test": ("train", "test"),
+                   "train+unlabeled": ("train", "unlabeled", "test")}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    run_name: str
+    checkpoint_dir: Path
+    metrics: dict[str, float]
+
+
+class RaySession:
+    """:class:`~clusterlab.platform.loop.TrainSession` inside a Ray Train worker."""
+
+    def __init__(self, run_id: str, tracking_uri: str, cpus_per_worker: float) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        # Ray starts workers with OMP_NUM_THREADS=1; use the CPUs this worker reserved.
+        torch.set_num_threads(max(1, int(cpus_per_worker)))
+        self._run_id = run_id
+        self._client = tracking.MlflowClient(tracking_uri) if self.world_rank == 0 else None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        local = Path(tempfile.mkdtemp(prefix="clusterlab-resume-"))
+        return Path(ckpt.to_directory(str(local)))
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        # Checkpoint first, MLflow second: a crash in between loses the epoch's metric rows
+        # rather than duplicating them after the resume.
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if self._client is not None:
+            tracking.log_epoch(self._client, self._run_id, metrics, int(metrics["epoch"]))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: rebuild the validated config and run the plain loop."""
+    cfg = build_config(loop_config["config"], source="train_loop_config")
+    fit(cfg, RaySession(loop_config["run_id"], loop_config["tracking_uri"], cfg.resources.cpus_per_worker))
+
+
+def preflight(cfg: ExperimentConfig) -> dict[str, int]:
+    """Check data and sizes before anything expensive starts; raise ConfigError naming the field."""
+    splits_needed = PROTOCOL_SPLITS[cfg.data.protocol]
+    try:
+        if cfg.data.download:
+            download_dataset(cfg.data.name, cfg.data.root)
+        check_dataset(cfg.data.name, cfg.data.root, splits_needed)
+    except DatasetNotFoundError as exc:
+        raise ConfigError(f"data.root: {exc}") from None
+    splits = build_splits(cfg.data.name, cfg.data.root, cfg.data.protocol, cfg.data.val_fraction,
+                          cfg.seed, cfg.data.image_size)
+    sizes = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+             "num_classes": splits.num_classes}
+    if cfg.batch_size > sizes["train"]:
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} is larger than the training set ({sizes['train']} images of "
+            f"{cfg.data.name} under protocol {cfg.data.protocol!r}); use batch_size <= {sizes['train']}"
+        )
+    if sizes["num_classes"] > sizes["test"]:
+        raise ConfigError(f"data: {sizes['num_classes']} clusters cannot be formed from {sizes['test']} test images")
+    return sizes
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` or start a private local Ray (never attach to a stray cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # More logical CPUs than cores: on 2 cores Train's placement groups otherwise starve
+        # and hang (DESIGN.md, measured).
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=True)
+
+
+def _check_cluster_resources(cfg: ExperimentConfig) -> None:
+    import ray
+
+    res = cfg.resources
+    available = ray.cluster_resources()
+    need_gpu = res.num_workers * res.gpus_per_worker
+    if need_gpu > available.get("GPU", 0):
+        raise ConfigError(
+            f"resources.gpus_per_worker: {res.num_workers} workers x {res.gpus_per_worker} GPU need {need_gpu} "
+            f"GPUs but the Ray cluster has {available.get('GPU', 0)}; set resources.gpus_per_worker=0 to train on CPU"
+        )
+    need_cpu = res.num_workers * res.cpus_per_worker
+    if need_cpu > available.get("CPU", 0):
+        raise ConfigError(
+            f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPU need {need_cpu} CPUs but the Ray "
+            f"cluster has {available.get('CPU', 0)}; lower resources.num_workers or resources.cpus_per_worker"
+        )
+
+
+def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri: str) -> Path:
+    """Fit the TorchTrainer; returns the local directory of the final checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    res = cfg.resources
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    storage = str(Path(cfg.storage_path or "ray_results").absolute())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise RuntimeError(f"training run {run_name!r} failed: {exc}") from exc
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name!r} produced no checkpoint")
+    return Path(result.checkpoint.path)
+
+
+def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
+          progress: bool = True) -> TrainResult:
+    """Preflight, train on Ray, evaluate, and record it all in one MLflow run."""
+    from clusterlab.platform.evaluate import evaluate_checkpoint
+
+    preflight(cfg)
+    run_name = cfg.resolved_run_name()
+    cfg = cfg.model_copy(update={"run_name": run_name})
+    client = tracking.client_for(cfg)
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    init_ray(address)
+    _check_cluster_resources(cfg)
+    try:
+        run_id, _ = tracking.start_run(client, cfg, run_name)
+    except ValueError as exc:
+        raise ConfigError(f"run_name: {exc}") from None
+    status = "FAILED"
+    try:
+        checkpoint_dir = run_trainer(cfg, run_id, run_name, tracking_uri)
+        client.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
+        metrics: dict[str, float] = {}
+        if evaluate:
+            metrics = evaluate_checkpoint(checkpoint_dir, progress=progress)
+            tracking.log_final(client, run_id, metrics)
+        status = "FINISHED"
+        return TrainResult(run_id, run_name, checkpoint_dir, metrics)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as exc:
+        reason = "non-finite loss" if isinstance(exc.__cause__, NonFiniteLossError) else type(exc).__name__
+        client.set_tag(run_id, "failure_reason", f"{reason}: {str(exc)[:4000]}")
+        raise
+    finally:
+        tracking.end_run(client, run_id, status)

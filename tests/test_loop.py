@@ -1,0 +1,80 @@
+"""The training loop in-process (world size 1, no Ray): epochs, checkpoints, resume, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clusterlab.config import load_config
+from clusterlab.platform.loop import LocalSession, fit
+from clusterlab.trainers.checkpoint import method_from_checkpoint, read_checkpoint
+from clusterlab.trainers.optim import lr_factor
+
+FAST = ["batch_size=128", "data.val_fraction=0.1", "optim.warmup_epochs=0", "model.cnn_width=8"]
+
+
+def _cfg(*overrides: str):
+    return load_config(None, [*FAST, *overrides], preset="simclr_digits")
+
+
+def test_fit_reports_every_epoch_and_checkpoints(tmp_path):
+    session = LocalSession(tmp_path)
+    fit(_cfg("epochs=2"), session)
+    assert [m["epoch"] for m in session.history] == [1.0, 2.0]
+    for m in session.history:
+        assert {"train_loss", "train_loss_contrast", "val_loss", "lr", "images_per_second"} <= set(m)
+        assert all(math.isfinite(v) for v in m.values())
+    state = read_checkpoint(session.latest_checkpoint())
+    assert state["epochs_done"] == 2 and state["meta"]["num_classes"] == 10
+    method, cfg, meta = method_from_checkpoint(state)
+    assert cfg.epochs == 2 and meta.image_size == 16
+    assert method.representation(torch.zeros(2, 3, 16, 16)).shape == (2, 16)  # 2 x cnn_width
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class CrashingSession(LocalSession):
+    """Dies right after the n-th epoch's checkpoint, like a killed worker."""
+
+    def __init__(self, directory, crash_after: int) -> None:
+        super().__init__(directory)
+        self.crash_after = crash_after
+
+    def report(self, metrics, checkpoint_dir) -> None:
+        super().report(metrics, checkpoint_dir)
+        if len(self.history) == self.crash_after:
+            raise _Crash
+
+
+def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path):
+    cfg = _cfg("epochs=3")
+    full = LocalSession(tmp_path / "full")
+    fit(cfg, full)
+
+    with pytest.raises(_Crash):
+        fit(cfg, CrashingSession(tmp_path / "resumed", crash_after=2))
+    again = LocalSession(tmp_path / "resumed")
+    fit(cfg, again)  # picks up epoch_0002 and trains epoch 3 only
+    assert [m["epoch"] for m in again.history] == [3.0]
+    # The lr schedule continues where it stopped rather than restarting.
+    assert again.history[0]["lr"] == pytest.approx(full.history[2]["lr"], rel=1e-6)
+    assert read_checkpoint(again.latest_checkpoint())["epochs_done"] == 3
+
+
+def test_batch_larger_than_dataset_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="larger than the training set"):
+        fit(_cfg("epochs=1", "batch_size=4096"), LocalSession(tmp_path))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warm = 100, 10
+    assert lr_factor(0, total, warm, "cosine", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, total, warm, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, total, warm, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, total, warm, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, total, warm, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(70, total, 0, "constant", 0.0) == 1.0

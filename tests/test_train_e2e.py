@@ -1,0 +1,51 @@
+"""End to end through real Ray Train and a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from clusterlab import cli
+
+pytestmark = pytest.mark.ray
+
+
+def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, capsys):
+    run_name = f"e2e-{uuid.uuid4().hex[:8]}"  # Train V2 resumes a repeated name: keep it unique
+    code = cli.main([
+        "train", "--preset", "simclr_digits", "epochs=2", "batch_size=128", "eval.kmeans_n_init=3",
+        "optim.warmup_epochs=0", "model.cnn_width=8",
+        f"storage_path={tmp_path / 'ray'}", "tracking.experiment=e2e", "--run-name", run_name,
+    ])
+    assert code == 0
+    assert "K-means, L2-normalised representations" in capsys.readouterr().out
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_name
+    assert run.data.tags["method"] == "simclr" and run.data.tags["dataset"] == "digits"
+    assert run.data.tags["protocol"] == "train+test" and run.data.tags["git_commit"]
+    assert run.data.params["optim.lr"] == "0.002" and run.data.params["epochs"] == "2"
+    for key in ("train_loss", "train_loss_contrast", "val_loss", "lr", "images_per_second"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    for key in ("kmeans_norm_acc", "kmeans_norm_nmi", "kmeans_norm_ari", "kmeans_raw_acc", "pixels_acc"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
+    assert run.data.metrics["kmeans_norm_acc"] > 0.15  # well above chance (0.1) even after 2 epochs
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoint"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {
+        "checkpoint/checkpoint.pt", "checkpoint/config.yaml"}
+
+
+def test_bad_input_exits_2_before_ray_and_mlflow(tracking_uri, tmp_path, capsys):
+    code = cli.main(["train", "--preset", "simclr_digits", "batch_size=100000", "tracking.experiment=bad"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "batch_size" in err and "larger than the training set" in err
+    missing = cli.main(["train", "data.name=cifar10", f"--data-root={tmp_path}"])
+    assert missing == 2
+    assert str(tmp_path / "cifar-10-batches-py") in capsys.readouterr().err
+    assert MlflowClient(tracking_uri).get_experiment_by_name("bad") is None
