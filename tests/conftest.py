@@ -13,7 +13,7 @@ def ray_local():
 
     # A private local instance (never a stray cluster); logical CPUs above the 2 physical
     # cores avoid Train placement-group starvation (DESIGN.md).
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
     yield ray
     ray.shutdown()
 

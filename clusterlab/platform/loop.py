@@ -10,6 +10,7 @@ and read once per epoch. Data stay on the device as uint8 and are augmented ther
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -25,6 +26,9 @@ from clusterlab.data.datasets import build_splits
 from clusterlab.trainers import Method, build_method
 from clusterlab.trainers.checkpoint import DataMeta, read_checkpoint, save_checkpoint
 from clusterlab.trainers.optim import build_optimizer, build_scheduler
+
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -188,7 +192,8 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
                 save_checkpoint(tmp, method=method, optimizer=optimizer, scheduler=scheduler,
                                 epochs_done=epoch + 1, meta=meta)
                 session.report(metrics, Path(tmp))
-            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+            # A logger, not print: Ray Train tees print() to two streams in its workers.
+            log.info("epoch %d/%d  %s", epoch + 1, cfg.epochs,
+                     "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
         else:
             session.report(metrics, None)

@@ -115,8 +115,7 @@ def init_ray(address: str | None) -> None:
     else:
         # More logical CPUs than cores: on 2 cores Train's placement groups otherwise starve
         # and hang (DESIGN.md, measured).
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=True)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
 
 
 def _check_cluster_resources(cfg: ExperimentConfig) -> None:
@@ -156,6 +155,8 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines (two per report) would bury the per-epoch progress line.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     try:
