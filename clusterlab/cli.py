@@ -21,6 +21,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a paper preset (default: <method>_<dataset>)")
     p.add_argument("--data-root", help="directory holding the datasets (sets data.root)")
     p.add_argument("--run-name", help="Ray Train / MLflow run name; repeating it resumes that run")
+    p.add_argument("--init-from", metavar="CHECKPOINT_OR_RUN_ID",
+                   help="initialise the backbone from a checkpoint directory or an MLflow run's checkpoint "
+                        "(MIX'EM stage 2); recorded as the run's init_from tag")
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
@@ -31,19 +34,36 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
         overrides.append(f"data.root={args.data_root}")
     if args.run_name:
         overrides.append(f"run_name={args.run_name}")
+    if args.init_from:
+        overrides.append(f"init_from={args.init_from}")
     return load_config(config, overrides, preset=args.preset)
 
 
-def _print_metrics_table(rows: list[tuple[str, dict[str, float], str]]) -> None:
-    print(f"\n{'clustering of the test split':<44}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
-    for label, metrics, prefix in rows:
-        print(f"{label:<44}" + "".join(f"{metrics[f'{prefix}_{m}']:>8.3f}" for m in ("acc", "nmi", "ari")))
+def _print_metrics_table(columns: dict[str, dict[str, float]], rows: list[tuple[str, str]]) -> None:
+    """One line per (label, metric prefix), ACC / NMI / ARI for each column; '-' where absent."""
+    header = "".join(f"{name + ' ACC/NMI/ARI':>26}" for name in columns)
+    print(f"\n{'clustering of the test split':<40}{header}")
+    for label, prefix in rows:
+        cells = []
+        for metrics in columns.values():
+            values = [metrics.get(f"{prefix}_{m}") for m in ("acc", "nmi", "ari")]
+            cells.append("  ".join("    -" if v is None else f"{v:.3f}" for v in values))
+        print(f"{label:<40}" + "".join(f"{c:>26}" for c in cells))
 
 
 def _ui_hint(cfg: ExperimentConfig) -> str:
     from clusterlab.platform.tracking import resolve_tracking_uri
 
     return f"mlflow ui --backend-store-uri {resolve_tracking_uri(cfg.tracking.uri)}   (or: clusterlab ui)"
+
+
+RESULT_ROWS = [
+    ("K-means, L2-normalised representations", "kmeans_norm"),
+    ("K-means, raw representations", "kmeans_raw"),
+    ("MIX'EM dominant component (Max Comp)", "maxcomp"),
+    ("K-means initialised by MIX'EM", "kmeans_mixinit"),
+    ("K-means on raw pixels", "pixels"),
+]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -56,27 +76,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, address=args.address)
     print(f"\nrun {result.run_name} (MLflow run {result.run_id}) finished; checkpoint: {result.checkpoint_dir}")
     if result.metrics:
-        _print_metrics_table([("K-means, L2-normalised representations", result.metrics, "kmeans_norm"),
-                              ("K-means, raw representations", result.metrics, "kmeans_raw")])
+        _print_metrics_table({cfg.method: result.metrics}, RESULT_ROWS)
     print(f"\nopen the MLflow UI: {_ui_hint(cfg)}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """MIX'EM's two stages on digits: a base SimCLR encoder, then MIX'EM continued from it."""
     from clusterlab.platform.train import train
 
-    overrides = [f"epochs={args.epochs}"] if args.epochs else []
-    cfg = load_config(None, overrides, preset="simclr_digits")
-    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": "clusterlab-demo"}),
-                                 "resources": cfg.resources.model_copy(update={"cpus_per_worker": args.cpus})})
-    print(f"clusterlab demo: SimCLR on scikit-learn's digits ({cfg.epochs} epochs, Ray Train, CPU)", flush=True)
-    result = train(cfg, address=args.address)
-    _print_metrics_table([
-        ("SimCLR + K-means, L2-normalised repr.", result.metrics, "kmeans_norm"),
-        ("SimCLR + K-means, raw repr.", result.metrics, "kmeans_raw"),
-        ("K-means on raw pixels", result.metrics, "pixels"),
-    ])
-    print(f"\nMLflow run {result.run_id} in experiment 'clusterlab-demo'. Open the UI with:\n  {_ui_hint(cfg)}")
+    common = ["tracking.experiment=clusterlab-demo", f"resources.cpus_per_worker={args.cpus}"]
+    base_cfg = load_config(None, [*common, *([f"epochs={args.epochs}"] if args.epochs else [])], preset="simclr_digits")
+    print(f"clusterlab demo 1/2: base SimCLR encoder on scikit-learn's digits ({base_cfg.epochs} epochs, Ray Train, CPU)",
+          flush=True)
+    base = train(base_cfg, address=args.address)
+    mixem_cfg = load_config(None, [*common, f"init_from={base.checkpoint_dir}"], preset="mixem_digits")
+    print(f"clusterlab demo 2/2: MIX'EM continued from the base encoder ({mixem_cfg.epochs} epochs)", flush=True)
+    mixem = train(mixem_cfg, address=args.address)
+    _print_metrics_table({"SimCLR": base.metrics, "MIX'EM": mixem.metrics}, RESULT_ROWS)
+    print(f"\nMLflow runs {base.run_id} (SimCLR) and {mixem.run_id} (MIX'EM) in experiment 'clusterlab-demo'. "
+          f"Open the UI with:\n  {_ui_hint(base_cfg)}")
     return 0
 
 
@@ -115,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train SimCLR on the bundled digits through Ray Train, evaluate, log to MLflow",
+    p = sub.add_parser("demo", help="train SimCLR then MIX'EM on the bundled digits through Ray Train, evaluate, "
+                                    "log to MLflow",
                        description="End-to-end demo on scikit-learn's digits (1,797 real 8x8 images, 10 classes), "
-                                   "CPU only, a few minutes on 2 cores. Prints ACC/NMI/ARI of K-means on the learned "
-                                   "representations vs. raw pixels.")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the simclr_digits preset's)")
+                                   "CPU only, a few minutes on 2 cores: a base SimCLR encoder (preset simclr_digits), "
+                                   "then MIX'EM continued from it (preset mixem_digits). Prints ACC/NMI/ARI of both "
+                                   "side by side, with K-means on raw pixels as the baseline.")
+    p.add_argument("--epochs", type=int, help="base-encoder epochs (default: the simclr_digits preset's)")
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs for the training worker")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=cmd_demo)

@@ -112,6 +112,15 @@ class LossConfig(_Strict):
         return v
 
 
+class MixemConfig(_Strict):
+    """MIX'EM options (Sec. 3.2)."""
+
+    num_components: int | None = Field(None, ge=2, description="M; None = the dataset's number of classes")
+    push_pull_form: Literal["paper", "released"] = Field(
+        "paper", description="paper: Eq. 6-8 on component embeddings; released: on the mixed embedding z"
+    )
+
+
 class EvalConfig(_Strict):
     kmeans_n_init: int = Field(50, ge=1, description="random K-means initialisations; best inertia wins")
     kmeans_max_iter: int = Field(300, ge=1)
@@ -144,6 +153,7 @@ class ExperimentConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    mixem: MixemConfig = Field(default_factory=MixemConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -151,6 +161,9 @@ class ExperimentConfig(_Strict):
     epochs: int = Field(100, ge=1)
     seed: int = 0
     run_name: str | None = Field(None, description="Ray Train run name; the same name resumes that run")
+    init_from: str | None = Field(
+        None, description="checkpoint directory/file or MLflow run id whose backbone initialises this run"
+    )
     storage_path: str | None = Field(None, description="Ray Train storage; None = ./ray_results")
 
     @field_validator("method")
@@ -225,11 +238,26 @@ def _paper(dataset: str, protocol: str, lr: float) -> dict[str, Any]:
     return _deep_merge(_PAPER_BASE, {"data": {"name": dataset, "protocol": protocol}, "optim": {"lr": lr}})
 
 
+def _stage2(dataset: str, lr: float) -> dict[str, Any]:
+    return _deep_merge(_paper(dataset, "train+test", lr), {"method": "mixem", "epochs": 100,
+                                                           "model": {"embedding_dim": 32}})
+
+
+def _table1(l1: float, l2: float, l3: float, l4: float) -> dict[str, float]:
+    return {"comp_ent": l1, "inst_ent": l2, "push": l3, "pull": l4}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "simclr_cifar10": _paper("cifar10", "train", 5e-4),
     "simclr_cifar100_20": _paper("cifar100_20", "train", 5e-4),
     # MIX'EM Sec. 4: the STL10 base encoder trains on train + unlabeled.
     "simclr_stl10": _paper("stl10", "train+unlabeled", 1e-4),
+    # Stage 2 (MIX'EM Sec. 4): 100 epochs with embedding dim 32 on a base encoder, train+test
+    # protocol, loss weights of supplementary Table 1 (l1..l4 = comp_ent, inst_ent, push, pull).
+    "mixem_stl10": _deep_merge(_stage2("stl10", 1e-4), {"loss": {"weights": _table1(1, 0.1, 0.05, 0.1)}}),
+    "mixem_cifar10": _deep_merge(_stage2("cifar10", 5e-4), {"loss": {"weights": _table1(1, 0.1, 0.0, 0.05)}}),
+    "mixem_cifar100_20": _deep_merge(_stage2("cifar100_20", 5e-4),
+                                     {"loss": {"weights": _table1(1, 0.01, 0.05, 0.0)}}),
     # Scaled down for 2 CPU cores: 16 px digits, small CNN, milder crops (an 8 px digit
     # cropped to 8% of its area is unrecognisable) and no flips (digits are not mirror-symmetric).
     "simclr_digits": {
@@ -243,6 +271,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"kmeans_n_init": 20},
     },
 }
+# Stage 2 of the demo: MIX'EM continued from the simclr_digits encoder (embedding dim 32).
+PRESETS["mixem_digits"] = _deep_merge(PRESETS["simclr_digits"], {
+    "method": "mixem",
+    "epochs": 40,
+    "model": {"embedding_dim": 32},
+    "loss": {"weights": _table1(1, 0.1, 0.05, 0.1)},
+})
 
 
 # --------------------------------------------------------------------------- YAML

@@ -49,3 +49,35 @@ def test_bad_input_exits_2_before_ray_and_mlflow(tracking_uri, tmp_path, capsys)
     assert missing == 2
     assert str(tmp_path / "cifar-10-batches-py") in capsys.readouterr().err
     assert MlflowClient(tracking_uri).get_experiment_by_name("bad") is None
+
+
+def test_mixem_stage_two_from_an_mlflow_run(ray_local, tracking_uri, tmp_path):
+    common = ["optim.warmup_epochs=0", "model.cnn_width=8", "eval.kmeans_n_init=2", "batch_size=128",
+              f"storage_path={tmp_path / 'ray'}", "tracking.experiment=two-stage"]
+    base = f"base-{uuid.uuid4().hex[:8]}"
+    assert cli.main(["train", "--preset", "simclr_digits", "epochs=1", *common, "--run-name", base]) == 0
+    client = MlflowClient(tracking_uri)
+    exp_id = client.get_experiment_by_name("two-stage").experiment_id
+    (base_run,) = client.search_runs([exp_id])
+
+    stage2 = f"mixem-{uuid.uuid4().hex[:8]}"
+    assert cli.main(["train", "--preset", "mixem_digits", "epochs=2", *common, "--run-name", stage2,
+                     "--init-from", base_run.info.run_id]) == 0
+    (run,) = client.search_runs([exp_id], filter_string=f"tags.`clusterlab.run_name` = '{stage2}'")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["init_from"] == base_run.info.run_id and run.data.tags["method"] == "mixem"
+    for key in ("train_loss_comp_ent", "train_loss_inst_ent", "train_loss_push", "train_loss_pull",
+                "component_entropy", "nonempty_components"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    for key in ("maxcomp_acc", "kmeans_mixinit_acc", "kmeans_norm_acc"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0
+    assert "plots/component_usage.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+
+
+def test_init_from_garbage_is_refused_before_training(tracking_uri, tmp_path, capsys):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert cli.main(["train", "--preset", "mixem_digits", "--init-from", str(bad)]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "mixem_digits", "--init-from", "no-such-thing"]) == 2
+    assert "neither an existing checkpoint path nor an MLflow run id" in capsys.readouterr().err

@@ -1,21 +1,34 @@
-"""Evaluate a training checkpoint: features of the test split -> K-means -> ACC / NMI / ARI."""
+"""Evaluate a training checkpoint: features of the test split -> clustering -> metrics + plots."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from matplotlib.figure import Figure
 
 from clusterlab.data.augment import Normalize
 from clusterlab.data.datasets import load_split
-from clusterlab.eval.clustering import evaluate_raw_pixels, evaluate_representations
+from clusterlab.eval.clustering import evaluate_mixture, evaluate_raw_pixels, evaluate_representations
 from clusterlab.eval.features import extract_features
+from clusterlab.eval.plots import component_usage_figure
 from clusterlab.trainers.checkpoint import method_from_checkpoint, read_checkpoint
 
 
-def evaluate_checkpoint(checkpoint_dir: str | Path, progress: bool = True) -> dict[str, float]:
-    """Cluster the test split's representations (K = number of classes).
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    figures: dict[str, Figure] = field(default_factory=dict)  # artifact file name -> figure
 
-    Reports K-means on L2-normalised (``kmeans_norm_*``) and raw (``kmeans_raw_*``)
-    representations, and on raw pixels (``pixels_*``) as the baseline.
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, progress: bool = True) -> EvalResult:
+    """Cluster the test split (K = number of classes).
+
+    Always: K-means on L2-normalised (``kmeans_norm_*``) and raw (``kmeans_raw_*``)
+    representations, best of ``eval.kmeans_n_init`` by inertia; K-means on raw pixels
+    (``pixels_*``) as the baseline. Methods with mixture coefficients (MIX'EM) add Max Comp
+    (``maxcomp_*``), MIX'EM-initialised K-means (``kmeans_mixinit_*``) and the component
+    usage plot.
     """
     method, cfg, meta = method_from_checkpoint(read_checkpoint(checkpoint_dir))
     test = load_split(cfg.data.name, cfg.data.root, "test", meta.image_size)
@@ -24,8 +37,15 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, progress: bool = True) -> di
     k, ev = meta.num_classes, cfg.eval
     if progress:
         print(f"K-means (K={k}, best of {ev.kmeans_n_init} inits) on {len(test)} test representations", flush=True)
-    metrics = evaluate_representations(features["representation"], test.labels, k, ev.kmeans_n_init,
-                                       ev.kmeans_max_iter, cfg.seed)
+    result = EvalResult(evaluate_representations(features["representation"], test.labels, k, ev.kmeans_n_init,
+                                                 ev.kmeans_max_iter, cfg.seed))
+    if "coefficients" in features:
+        coefficients = features["coefficients"]
+        result.metrics.update(evaluate_mixture(features["representation"], coefficients, test.labels, k,
+                                               ev.kmeans_max_iter, cfg.seed))
+        result.figures["component_usage.png"] = component_usage_figure(
+            test.labels, coefficients.argmax(axis=1), coefficients.shape[1])
     if ev.raw_pixels_baseline:
-        metrics.update(evaluate_raw_pixels(test.images, test.labels, k, ev.kmeans_n_init, ev.kmeans_max_iter, cfg.seed))
-    return metrics
+        result.metrics.update(evaluate_raw_pixels(test.images, test.labels, k, ev.kmeans_n_init,
+                                                  ev.kmeans_max_iter, cfg.seed))
+    return result

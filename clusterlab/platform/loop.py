@@ -24,7 +24,7 @@ import torch.distributed as dist
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.datasets import build_splits
 from clusterlab.trainers import Method, build_method
-from clusterlab.trainers.checkpoint import DataMeta, read_checkpoint, save_checkpoint
+from clusterlab.trainers.checkpoint import DataMeta, load_backbone, read_checkpoint, save_checkpoint
 from clusterlab.trainers.optim import build_optimizer, build_scheduler
 
 
@@ -145,9 +145,9 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
+    method = method.to(device)  # before the optimiser: fused Adam needs its params on the GPU
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
-    model = session.prepare_model(method)
     optimizer = build_optimizer(cfg.optim, method.parameters(), fused=device.type == "cuda")
     steps_per_epoch = len(splits.train) // cfg.batch_size
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, steps_per_epoch)
@@ -160,6 +160,9 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epochs_done"]
+    elif cfg.init_from:
+        load_backbone(method, read_checkpoint(cfg.init_from))
+    model = session.prepare_model(method)  # after loading weights: DDP broadcasts rank 0's
     torch.manual_seed(cfg.seed * 7919 + rank * 31 + start_epoch)  # resumed runs draw fresh augmentations
 
     # Validation loss (supplementary 1.3: it guides model selection) on fixed batches, so that

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
 from clusterlab.platform import tracking
 from clusterlab.platform.loop import NonFiniteLossError, fit
+from clusterlab.trainers.checkpoint import read_checkpoint
 
 PROTOCOL_SPLITS = {"train": ("train", "test"), "train+test": ("train", "test"),
                    "train+unlabeled": ("train", "unlabeled", "test")}
@@ -104,6 +106,38 @@ def preflight(cfg: ExperimentConfig) -> dict[str, int]:
     return sizes
 
 
+def resolve_init_from(client: tracking.MlflowClient, cfg: ExperimentConfig, storage: Path) -> Path:
+    """Turn ``init_from`` (a checkpoint path or an MLflow run id) into a checked local path.
+
+    A run's ``checkpoint`` artifact is downloaded under the run's storage directory, which
+    every worker can read. The checkpoint must load and have this run's backbone, or the run
+    is refused before training starts.
+    """
+    value = str(cfg.init_from)
+    path = Path(value).expanduser()
+    if not path.exists():
+        if not re.fullmatch(r"[0-9a-f]{32}", value):
+            raise ConfigError(f"init_from: {value!r} is neither an existing checkpoint path nor an MLflow run id")
+        target = storage / "init_from" / value
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            path = Path(client.download_artifacts(value, "checkpoint", str(target)))
+        except Exception as exc:  # MlflowException or a store error: both mean "not usable"
+            raise ConfigError(f"init_from: MLflow run {value} has no usable 'checkpoint' artifact ({exc})") from None
+    try:
+        state = read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"init_from: {exc}") from None
+    trained, wanted = state["config"]["model"], cfg.model.model_dump(mode="json")
+    mismatched = [k for k in ("backbone", "stem", "cnn_width") if trained.get(k) != wanted[k]]
+    if mismatched:
+        raise ConfigError(
+            "init_from: the checkpoint's backbone differs in "
+            + ", ".join(f"model.{k} ({trained.get(k)!r} there, {wanted[k]!r} here)" for k in mismatched)
+        )
+    return path.resolve()
+
+
 def init_ray(address: str | None) -> None:
     """Connect to ``address`` or start a private local Ray (never attach to a stray cluster)."""
     import ray
@@ -137,6 +171,10 @@ def _check_cluster_resources(cfg: ExperimentConfig) -> None:
         )
 
 
+def storage_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.storage_path or "ray_results").absolute()
+
+
 def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri: str) -> Path:
     """Fit the TorchTrainer; returns the local directory of the final checkpoint."""
     import ray.train
@@ -144,7 +182,6 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
 
     res = cfg.resources
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
-    storage = str(Path(cfg.storage_path or "ray_results").absolute())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri},
@@ -152,7 +189,7 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage,
+            storage_path=str(storage_dir(cfg)),
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train's INFO lines (two per report) would bury the per-epoch progress line.
@@ -177,11 +214,16 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     run_name = cfg.resolved_run_name()
     cfg = cfg.model_copy(update={"run_name": run_name})
     client = tracking.client_for(cfg)
+    lineage: dict[str, str] = {}
+    if cfg.init_from:
+        lineage = {"init_from": cfg.init_from}
+        path = resolve_init_from(client, cfg, storage_dir(cfg))
+        cfg = cfg.model_copy(update={"init_from": str(path)})
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     init_ray(address)
     _check_cluster_resources(cfg)
     try:
-        run_id, _ = tracking.start_run(client, cfg, run_name)
+        run_id, _ = tracking.start_run(client, cfg, run_name, extra_tags=lineage)
     except ValueError as exc:
         raise ConfigError(f"run_name: {exc}") from None
     status = "FAILED"
@@ -190,8 +232,11 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         client.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
         metrics: dict[str, float] = {}
         if evaluate:
-            metrics = evaluate_checkpoint(checkpoint_dir, progress=progress)
+            evaluation = evaluate_checkpoint(checkpoint_dir, progress=progress)
+            metrics = evaluation.metrics
             tracking.log_final(client, run_id, metrics)
+            for name, figure in evaluation.figures.items():
+                client.log_figure(run_id, figure, f"plots/{name}")
         status = "FINISHED"
         return TrainResult(run_id, run_name, checkpoint_dir, metrics)
     except KeyboardInterrupt:

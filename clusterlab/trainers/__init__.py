@@ -6,6 +6,6 @@ business (they live in ``clusterlab.platform``).
 """
 
 from clusterlab.trainers.base import METHODS, Method, build_method, register
-from clusterlab.trainers import simclr  # noqa: F401  (registers "simclr")
+from clusterlab.trainers import mixem, simclr  # noqa: F401  (register "mixem", "simclr")
 
 __all__ = ["METHODS", "Method", "build_method", "register"]

@@ -73,3 +73,18 @@ def method_from_checkpoint(state: dict[str, Any]) -> tuple[Method, ExperimentCon
     method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
     method.load_state_dict(state["model"])
     return method.eval(), cfg, meta
+
+
+def load_backbone(method: Method, state: dict[str, Any]) -> None:
+    """Initialise ``method.backbone`` from a checkpoint of any method (MIX'EM Sec. 4: stage 2
+    continues from the base SimCLR encoder; its heads start fresh)."""
+    prefix = "backbone."
+    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    try:
+        method.backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        trained = state["config"]["model"]
+        raise ValueError(
+            f"init_from: the checkpoint's backbone ({trained['backbone']}, stem {trained['stem']}) does not match "
+            f"this run's model section; use the same model.backbone / model.stem / model.cnn_width ({exc})"
+        ) from None
