@@ -128,7 +128,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clusterlab",
-        description="Deep clustering experiments (SimCLR, ...) on Ray, tracked in MLflow.",
+        description="Deep clustering experiments (SimCLR, MIX'EM) on Ray, tracked in MLflow.",
         epilog="Configs layer as: defaults < preset < YAML file < key=value overrides. "
                "Bad input exits with code 2 before Ray starts.",
     )

@@ -80,13 +80,22 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(70, total, 0, "constant", 0.0) == 1.0
 
 
-def test_mixem_entropy_terms_avoid_collapse(tmp_path):
-    """MIX'EM Sec. 3.2: with L_comp-ent and L_inst-ent on, samples spread over components.
-    Asserted from the per-epoch metrics the loop reports (what lands in MLflow)."""
-    session = LocalSession(tmp_path)
-    fit(_cfg("method=mixem", "epochs=3", "model.embedding_dim=16",
-             "loss.weights={comp_ent: 1, inst_ent: 0.1, push: 0, pull: 0}"), session)
-    last = session.history[-1]
-    assert last["nonempty_components"] > 1
-    assert last["component_entropy"] > 0.5  # nats; log(10) = 2.30 is uniform, 0 is collapse
-    assert {"train_loss_comp_ent", "train_loss_inst_ent", "train_loss_push", "train_loss_pull"} <= set(last)
+def test_mixem_component_entropy_avoids_collapse(tmp_path):
+    """MIX'EM Sec. 3.2: without L_comp-ent the mixture degenerates onto one component; with it
+    (and L_inst-ent) samples spread over components. Stage 2 starts from a briefly trained
+    base encoder, as in Sec. 4; asserted from the per-epoch metrics that land in MLflow."""
+    base = LocalSession(tmp_path / "base")
+    fit(_cfg("epochs=3", "model.cnn_width=32"), base)
+
+    def stage2(weights: str) -> list[dict[str, float]]:
+        session = LocalSession(tmp_path / weights)
+        fit(_cfg("method=mixem", "epochs=3", "model.cnn_width=32", "model.embedding_dim=16",
+                 f"init_from={base.latest_checkpoint()}", f"loss.weights={weights}"), session)
+        return session.history
+
+    spread = stage2("{comp_ent: 2, inst_ent: 0.1, push: 0, pull: 0}")
+    collapsed = stage2("{comp_ent: 0, inst_ent: 0.1, push: 0, pull: 0}")
+    assert spread[-1]["nonempty_components"] > 5  # of 10
+    assert collapsed[-1]["nonempty_components"] < 2
+    assert {"train_loss_comp_ent", "train_loss_inst_ent", "train_loss_push", "train_loss_pull",
+            "component_entropy"} <= set(spread[-1])
