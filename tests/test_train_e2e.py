@@ -61,8 +61,9 @@ def test_mixem_stage_two_from_an_mlflow_run(ray_local, tracking_uri, tmp_path):
     (base_run,) = client.search_runs([exp_id])
 
     stage2 = f"mixem-{uuid.uuid4().hex[:8]}"
-    assert cli.main(["train", "--preset", "mixem_digits", "epochs=2", *common, "--run-name", stage2,
-                     "--init-from", base_run.info.run_id]) == 0
+    # Two workers: DDP over gloo, metrics all-reduced across ranks.
+    assert cli.main(["train", "--preset", "mixem_digits", "epochs=2", "resources.num_workers=2", *common,
+                     "--run-name", stage2, "--init-from", base_run.info.run_id]) == 0
     (run,) = client.search_runs([exp_id], filter_string=f"tags.`clusterlab.run_name` = '{stage2}'")
     assert run.info.status == "FINISHED"
     assert run.data.tags["init_from"] == base_run.info.run_id and run.data.tags["method"] == "mixem"
@@ -81,3 +82,21 @@ def test_init_from_garbage_is_refused_before_training(tracking_uri, tmp_path, ca
     assert "unreadable" in capsys.readouterr().err
     assert cli.main(["train", "--preset", "mixem_digits", "--init-from", "no-such-thing"]) == 2
     assert "neither an existing checkpoint path nor an MLflow run id" in capsys.readouterr().err
+
+
+def test_finished_run_name_is_never_reopened(tracking_uri, tmp_path):
+    from clusterlab.config import load_config
+    from clusterlab.platform import tracking
+
+    cfg = load_config(None, ["tracking.experiment=reopen"], preset="simclr_digits")
+    client = tracking.client_for(cfg)
+    run_id, resumed = tracking.start_run(client, cfg, "same-name")
+    assert not resumed
+    assert tracking.start_run(client, cfg, "same-name") == (run_id, True)  # died while RUNNING: resume
+    changed = load_config(None, ["tracking.experiment=reopen", "optim.lr=1e-3"], preset="simclr_digits")
+    with pytest.raises(ValueError, match="different config"):
+        tracking.start_run(client, changed, "same-name")
+    tracking.end_run(client, run_id, "FINISHED")
+    with pytest.raises(ValueError, match="already finished"):
+        tracking.start_run(client, cfg, "same-name")
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -63,13 +63,20 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
     """Create the run for ``run_name`` or reopen the one a previous attempt created.
 
     Returns ``(run_id, resumed)``. Params are logged once: MLflow params are immutable, so a
-    resumed run with a different config is refused rather than half-overwritten.
+    resumed run with a different config is refused rather than half-overwritten, and so is a
+    run name whose run already finished (its results are never reopened).
     """
     exp_id = experiment_id(client, cfg.tracking.experiment)
     params = flatten(cfg)
     existing = find_run(client, exp_id, run_name)
     if existing:
-        logged = client.get_run(existing).data.params
+        previous = client.get_run(existing)
+        if previous.info.status == "FINISHED":
+            raise ValueError(
+                f"run name {run_name!r} already finished (MLflow run {existing}); its results are kept as they "
+                "are: choose another run_name, or --init-from it to continue training"
+            )
+        logged = previous.data.params
         changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
         if changed:
             raise ValueError(

@@ -223,9 +223,11 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     init_ray(address)
     _check_cluster_resources(cfg)
     try:
-        run_id, _ = tracking.start_run(client, cfg, run_name, extra_tags=lineage)
+        run_id, resumed = tracking.start_run(client, cfg, run_name, extra_tags=lineage)
     except ValueError as exc:
         raise ConfigError(f"run_name: {exc}") from None
+    if resumed:
+        print(f"resuming run {run_name!r} (MLflow run {run_id}) from its latest checkpoint", flush=True)
     status = "FAILED"
     try:
         checkpoint_dir = run_trainer(cfg, run_id, run_name, tracking_uri)
