@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -11,31 +11,41 @@ from tqdm.auto import tqdm
 from clusterlab.data.augment import Normalize
 
 
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation (MIX'EM Table 1 row 2: normalise before K-means)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
 @torch.no_grad()
-def extract_features(
+def iter_features(
     forward: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     images: np.ndarray,
+    labels: np.ndarray,
     normalize: Normalize,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """Run ``forward`` (e.g. ``method.eval_outputs``) over uint8 (N, 3, H, W) ``images``.
+    desc: str = "features",
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield one column batch per image batch, in the features-file schema
+    (:mod:`clusterlab.eval.feature_files`).
 
-    Inputs get exactly the normalisation used in training (no other eval-time transform), as
-    DESIGN.md requires. Returns one float32 array per output, N rows each.
+    ``forward`` is e.g. ``method.eval_outputs``; it returns ``representation`` and optionally
+    ``coefficients`` (MIX'EM; the dominant ``component`` is added) or ``probabilities``.
+    Inputs get exactly the training normalisation and no other eval-time transform.
     """
     device = torch.device(device)
     normalize = normalize.to(device)
-    chunks: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch",
-                      disable=not progress, leave=False):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         x = normalize(torch.from_numpy(images[start:start + batch_size]).to(device))
-        for name, value in forward(x).items():
-            chunks.setdefault(name, []).append(value.float().cpu().numpy())
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalisation (MIX'EM Table 1 row 2: normalise before K-means)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+        outputs = {name: value.float().cpu().numpy() for name, value in forward(x).items()}
+        rows = len(outputs["representation"])
+        batch = {"index": np.arange(start, start + rows), "label": labels[start:start + rows],
+                 "representation": outputs["representation"],
+                 "representation_l2": l2_normalize(outputs["representation"])}
+        if "coefficients" in outputs:
+            batch["coefficients"] = outputs["coefficients"]
+            batch["component"] = outputs["coefficients"].argmax(1)
+        if "probabilities" in outputs:
+            batch["probabilities"] = outputs["probabilities"]
+        yield batch
