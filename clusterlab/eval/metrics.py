@@ -16,12 +16,9 @@ def _check(labels: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return labels, pred
 
 
-def cluster_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
-    """Accuracy under the best one-to-one cluster -> class mapping (Hungarian method).
-
-    Clusters may outnumber classes (over-clustering); unmatched clusters count as wrong,
-    never as a majority vote.
-    """
+def hungarian_match(labels: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
+    """Contingency table (clusters x classes) and the one-to-one cluster -> class mapping that
+    maximises the matched count (Hungarian method, scipy ``linear_sum_assignment``)."""
     labels, pred = _check(labels, pred)
     if labels.size == 0:
         raise ValueError("cannot score an empty evaluation split")
@@ -29,7 +26,18 @@ def cluster_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
     counts = np.zeros((size, size), dtype=np.int64)
     np.add.at(counts, (pred, labels), 1)
     rows, cols = linear_sum_assignment(counts, maximize=True)
-    return float(counts[rows, cols].sum() / labels.size)
+    return counts, dict(zip(rows.tolist(), cols.tolist()))
+
+
+def cluster_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
+    """Accuracy under the best one-to-one cluster -> class mapping (Hungarian method).
+
+    Over-clustering (more clusters than classes): each class is matched to exactly one
+    cluster; samples in the unmatched clusters count as errors. This is never a majority vote,
+    which would reward over-clustering (ExCB supplementary).
+    """
+    counts, mapping = hungarian_match(labels, pred)
+    return float(sum(counts[c, k] for c, k in mapping.items()) / np.asarray(labels).size)
 
 
 def clustering_metrics(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -40,3 +48,16 @@ def clustering_metrics(labels: np.ndarray, pred: np.ndarray) -> dict[str, float]
         "nmi": float(normalized_mutual_info_score(labels, pred)),
         "ari": float(adjusted_rand_score(labels, pred)),
     }
+
+
+def mean_std(runs: list[dict[str, float]]) -> dict[str, float]:
+    """``<metric>_mean`` and ``<metric>_std`` (population std) over repeated runs / seeds, as
+    the papers report (mean +- std over 5 or 10 trainings)."""
+    if not runs:
+        raise ValueError("mean_std needs at least one run")
+    keys = set(runs[0]).intersection(*runs[1:])
+    out: dict[str, float] = {}
+    for key in sorted(keys):
+        values = np.array([r[key] for r in runs], dtype=np.float64)
+        out[f"{key}_mean"], out[f"{key}_std"] = float(values.mean()), float(values.std())
+    return out

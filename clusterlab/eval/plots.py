@@ -31,3 +31,57 @@ def component_usage_figure(labels: np.ndarray, component: np.ndarray, num_compon
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     return fig
+
+
+def confusion_figure(counts: np.ndarray, mapping: dict[int, int], num_classes: int) -> Figure:
+    """Confusion matrix after the Hungarian assignment (MIX'EM Fig. 4): rows true classes,
+    columns clusters ordered by the class they were matched to, normalised per class."""
+    order = sorted(range(counts.shape[0]), key=lambda c: mapping.get(c, num_classes + c))
+    table = counts[order][:, :num_classes].T.astype(float)
+    table /= np.maximum(table.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(order), 1.2 + 0.45 * num_classes))
+    im = ax.imshow(table, vmin=0, vmax=1, cmap="Blues", aspect="auto")
+    for (r, c), v in np.ndenumerate(table):
+        if v >= 0.05:
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v > 0.6 else "black")
+    ax.set_xticks(range(len(order)), labels=[f"{c}->{mapping[c]}" if c in mapping else str(c) for c in order],
+                  rotation=90, fontsize=7)
+    ax.set_yticks(range(num_classes))
+    ax.set_xlabel("cluster -> matched class")
+    ax.set_ylabel("true class")
+    ax.set_title("confusion after Hungarian assignment (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_inertia_figure(inertias: np.ndarray, accuracies: np.ndarray, best: int) -> Figure:
+    """Every K-means initialisation's accuracy against its inertia (MIX'EM Fig. 5): low inertia
+    does not guarantee high accuracy."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter(inertias, accuracies, s=14, alpha=0.7, label="initialisations")
+    ax.scatter([inertias[best]], [accuracies[best]], s=60, marker="*", color="red", label="best inertia (kept)")
+    ax.set_xlabel("inertia")
+    ax.set_ylabel("ACC")
+    ax.set_title(f"K-means over {len(inertias)} initialisations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def tsne_figure(x: np.ndarray, labels: np.ndarray, max_points: int = 2000, seed: int = 0) -> Figure:
+    """t-SNE of a random sample of representations coloured by true label (MIX'EM Fig. 3)."""
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(x), size=min(max_points, len(x)), replace=False)
+    embedded = TSNE(n_components=2, init="pca", random_state=seed,
+                    perplexity=min(30.0, (len(idx) - 1) / 3)).fit_transform(x[idx])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    sc = ax.scatter(embedded[:, 0], embedded[:, 1], c=labels[idx], s=4, cmap="tab20")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"t-SNE of {len(idx)} representations (colour = true class)")
+    fig.colorbar(sc, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    return fig
