@@ -99,6 +99,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a run's checkpoint, a checkpoint directory, or a features file."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from clusterlab.eval.feature_files import read_features
+    from clusterlab.platform import tracking
+    from clusterlab.platform.evaluate import evaluate_checkpoint, evaluate_features, log_evaluation
+    from clusterlab.platform.train import init_ray
+
+    if args.k is not None and args.k < 2:
+        raise ConfigError(f"--k must be >= 2, got {args.k}")
+    if args.n_init < 1:
+        raise ConfigError(f"--n-init must be >= 1, got {args.n_init}")
+    client = None
+    try:
+        if args.features:
+            test = read_features(args.features)
+            train = read_features(args.train_features) if args.train_features else None
+            init_ray(args.address)
+            result = evaluate_features(test, args.k, n_init=args.n_init, seed=args.seed, tasks=args.tasks,
+                                       device=args.device,
+                                       train=train, plots=not args.no_plots)
+        else:
+            checkpoint = Path(args.checkpoint) if args.checkpoint else None
+            if args.run_id:
+                client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
+                target = Path(tempfile.mkdtemp(prefix="clusterlab-eval-"))
+                try:
+                    checkpoint = Path(client.download_artifacts(args.run_id, "checkpoint", str(target)))
+                except Exception as exc:  # MlflowException or a store error: both mean "not usable"
+                    raise ConfigError(f"--run-id: run {args.run_id} has no usable 'checkpoint' artifact ({exc})") from None
+            features_dir = Path(args.features_dir) if args.features_dir else checkpoint.parent / "features" / checkpoint.name
+            init_ray(args.address)
+            result = evaluate_checkpoint(checkpoint, features_dir, n_init=args.n_init, k=args.k, tasks=args.tasks,
+                                         device=args.device,
+                                         plots=not args.no_plots)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    _print_metrics_table({"evaluation": result.metrics}, RESULT_ROWS)
+    if "linear_probe_acc" in result.metrics:
+        print(f"{'linear probe (train -> test)':<40}{result.metrics['linear_probe_acc']:>10.3f}")
+    if client is not None:
+        log_evaluation(client, args.run_id, result)
+        print(f"logged to MLflow run {args.run_id}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+        print(f"metrics written to {args.json}")
+    if args.plots_dir and result.figures:
+        Path(args.plots_dir).mkdir(parents=True, exist_ok=True)
+        for name, figure in result.figures.items():
+            figure.savefig(Path(args.plots_dir) / name, dpi=120)
+        print(f"plots written to {args.plots_dir}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(_load(args).to_yaml(), end="")
     return 0
@@ -154,6 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: local Ray)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="cluster a run's / checkpoint's / features file's representations",
+                       description="K-means with --n-init initialisations fanned out as Ray tasks (best inertia "
+                                   "wins), Hungarian ACC / NMI / ARI, MIX'EM readings, linear probe and plots. "
+                                   "Features of a checkpoint are written to Parquet once and reused.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", help="MLflow run whose checkpoint to evaluate; metrics and plots are logged to it")
+    source.add_argument("--checkpoint", help="checkpoint directory (or checkpoint.pt) to evaluate")
+    source.add_argument("--features", help="features Parquet file (schema in the README), from anywhere")
+    p.add_argument("--train-features", help="with --features: train-split features for the linear probe")
+    p.add_argument("--features-dir", help="where checkpoint features are written / reused "
+                                          "(default: beside the checkpoint)")
+    p.add_argument("--k", type=int, help="number of clusters (default: number of classes)")
+    p.add_argument("--n-init", type=int, default=50, help="K-means initialisations (default 50)")
+    p.add_argument("--tasks", type=int, help="Ray tasks to split them over (default: one per GPU, else per CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where K-means and feature extraction run (default: GPUs when there are any)")
+    p.add_argument("--seed", type=int, default=0, help="with --features: K-means seed")
+    p.add_argument("--json", help="write every metric (and best inertias) as JSON to this file")
+    p.add_argument("--plots-dir", help="also save the plots as PNG files here")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots (t-SNE takes a while on large splits)")
+    p.add_argument("--tracking-uri", help="with --run-id: default $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("config", help="print the resolved, validated config as YAML",
                        description="Resolve defaults < preset < YAML < overrides, validate, and print the result.")

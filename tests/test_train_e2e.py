@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -38,6 +39,19 @@ def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, caps
     assert {"config.yaml", "checkpoint"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {
         "checkpoint/checkpoint.pt", "checkpoint/config.yaml"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/accuracy_vs_inertia.png", "plots/confusion.png", "plots/tsne.png"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "features")] == ["features/test.parquet"]
+    assert run.data.metrics["kmeans_norm_inertia"] > 0 and 0.0 <= run.data.metrics["linear_probe_acc"] <= 1.0
+
+    # Re-evaluation from the run id: the checkpoint artifact is downloaded, metrics logged again.
+    out_json = tmp_path / "reeval.json"
+    assert cli.main(["evaluate", "--run-id", run.info.run_id, "--n-init", "4", "--no-plots",
+                     "--json", str(out_json)]) == 0
+    assert f"logged to MLflow run {run.info.run_id}" in capsys.readouterr().out
+    history = client.get_metric_history(run.info.run_id, "kmeans_norm_acc")
+    assert len(history) == 2  # the training-time value is kept; the re-evaluation is added
+    assert history[-1].value == pytest.approx(json.loads(out_json.read_text())["kmeans_norm_acc"])
 
 
 def test_bad_input_exits_2_before_ray_and_mlflow(tracking_uri, tmp_path, capsys):

@@ -208,7 +208,7 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
           progress: bool = True) -> TrainResult:
     """Preflight, train on Ray, evaluate, and record it all in one MLflow run."""
-    from clusterlab.platform.evaluate import evaluate_checkpoint
+    from clusterlab.platform.evaluate import evaluate_checkpoint, log_evaluation
 
     preflight(cfg)
     run_name = cfg.resolved_run_name()
@@ -234,11 +234,11 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         client.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
         metrics: dict[str, float] = {}
         if evaluate:
-            evaluation = evaluate_checkpoint(checkpoint_dir, progress=progress)
+            # Features are kept per checkpoint beside the run, and reused if evaluation reruns.
+            features_dir = storage_dir(cfg) / run_name / "features" / checkpoint_dir.name
+            evaluation = evaluate_checkpoint(checkpoint_dir, features_dir, progress=progress)
             metrics = evaluation.metrics
-            tracking.log_final(client, run_id, metrics)
-            for name, figure in evaluation.figures.items():
-                client.log_figure(run_id, figure, f"plots/{name}")
+            log_evaluation(client, run_id, evaluation)
         status = "FINISHED"
         return TrainResult(run_id, run_name, checkpoint_dir, metrics)
     except KeyboardInterrupt:
