@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/augment_throughput.py
+	$(BIN)/python bench/kmeans.py
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns ray_results
