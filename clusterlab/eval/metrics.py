@@ -17,25 +17,30 @@ def _check(labels: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def hungarian_match(labels: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
-    """Contingency table (clusters x classes) and the one-to-one cluster -> class mapping that
-    maximises the matched count (Hungarian method, scipy ``linear_sum_assignment``)."""
+    """Contingency table (clusters x classes) and the cluster -> class mapping that maximises
+    the matched count, by the Hungarian method (scipy ``linear_sum_assignment``).
+
+    With at most as many clusters as classes the mapping is one-to-one (the papers' ACC).
+    With more clusters than classes (over-clustering) it is many-to-one *by the assignment*:
+    every cluster is assigned to a class and each class receives at most ceil(K / C) clusters
+    (each class column is repeated that many times in the assignment problem). Unlike a
+    majority vote, which lets one class absorb any number of clusters and so rewards
+    over-clustering, the cap keeps the reading close to the balanced one-to-one ACC.
+    """
     labels, pred = _check(labels, pred)
     if labels.size == 0:
         raise ValueError("cannot score an empty evaluation split")
-    size = max(labels.max(), pred.max()) + 1
-    counts = np.zeros((size, size), dtype=np.int64)
+    n_clusters, n_classes = int(pred.max()) + 1, int(labels.max()) + 1
+    counts = np.zeros((n_clusters, n_classes), dtype=np.int64)
     np.add.at(counts, (pred, labels), 1)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return counts, dict(zip(rows.tolist(), cols.tolist()))
+    capacity = -(-n_clusters // n_classes)  # ceil(K / C); 1 when K <= C
+    rows, cols = linear_sum_assignment(np.tile(counts, (1, capacity)), maximize=True)
+    return counts, dict(zip(rows.tolist(), (cols % n_classes).tolist()))
 
 
 def cluster_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
-    """Accuracy under the best one-to-one cluster -> class mapping (Hungarian method).
-
-    Over-clustering (more clusters than classes): each class is matched to exactly one
-    cluster; samples in the unmatched clusters count as errors. This is never a majority vote,
-    which would reward over-clustering (ExCB supplementary).
-    """
+    """Share of samples whose cluster is mapped to their class by :func:`hungarian_match`:
+    one-to-one when K <= C, capacity-limited many-to-one when over-clustering."""
     counts, mapping = hungarian_match(labels, pred)
     return float(sum(counts[c, k] for c, k in mapping.items()) / np.asarray(labels).size)
 
