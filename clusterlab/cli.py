@@ -102,49 +102,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoint, a checkpoint directory, or a features file."""
     import json
-    import tempfile
     from pathlib import Path
 
     from clusterlab.eval.feature_files import read_features
     from clusterlab.platform import tracking
-    from clusterlab.platform.evaluate import evaluate_checkpoint, evaluate_features, log_evaluation
+    from clusterlab.platform.evaluate import evaluate_checkpoint, evaluate_features
+    from clusterlab.platform.reeval import EvalOptions, evaluate_run
     from clusterlab.platform.train import init_ray
 
     if args.k is not None and args.k < 2:
         raise ConfigError(f"--k must be >= 2, got {args.k}")
     if args.n_init < 1:
         raise ConfigError(f"--n-init must be >= 1, got {args.n_init}")
-    client = None
+    options = EvalOptions(n_init=args.n_init, k=args.k, seed=args.seed, plots=not args.no_plots)
     try:
         if args.features:
             test = read_features(args.features)
             train = read_features(args.train_features) if args.train_features else None
             init_ray(args.address)
             result = evaluate_features(test, args.k, n_init=args.n_init, seed=args.seed, tasks=args.tasks,
-                                       device=args.device,
-                                       train=train, plots=not args.no_plots)
+                                       device=args.device, train=train, plots=options.plots)
+        elif args.run_id:
+            client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
+            init_ray(args.address)
+            result = evaluate_run(client, args.run_id, options, device=args.device, tasks=args.tasks, progress=True)
         else:
-            checkpoint = Path(args.checkpoint) if args.checkpoint else None
-            if args.run_id:
-                client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
-                target = Path(tempfile.mkdtemp(prefix="clusterlab-eval-"))
-                try:
-                    checkpoint = Path(client.download_artifacts(args.run_id, "checkpoint", str(target)))
-                except Exception as exc:  # MlflowException or a store error: both mean "not usable"
-                    raise ConfigError(f"--run-id: run {args.run_id} has no usable 'checkpoint' artifact ({exc})") from None
+            checkpoint = Path(args.checkpoint)
             features_dir = Path(args.features_dir) if args.features_dir else checkpoint.parent / "features" / checkpoint.name
             init_ray(args.address)
             result = evaluate_checkpoint(checkpoint, features_dir, n_init=args.n_init, k=args.k, tasks=args.tasks,
-                                         device=args.device,
-                                         plots=not args.no_plots)
+                                         device=args.device, seed=args.seed, plots=options.plots)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     _print_metrics_table({"evaluation": result.metrics}, RESULT_ROWS)
     if "linear_probe_acc" in result.metrics:
         print(f"{'linear probe (train -> test)':<40}{result.metrics['linear_probe_acc']:>10.3f}")
-    if client is not None:
-        log_evaluation(client, args.run_id, result)
-        print(f"logged to MLflow run {args.run_id}")
+    if args.run_id:
+        print(f"logged to MLflow run {args.run_id} as eval/{options.version}/<metric>")
     if args.json:
         Path(args.json).write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
         print(f"metrics written to {args.json}")
@@ -156,8 +150,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reeval(args: argparse.Namespace) -> int:
+    from clusterlab.platform import tracking
+    from clusterlab.platform.reeval import EvalOptions, reevaluate_experiment
+    from clusterlab.platform.train import init_ray
+
+    if args.k is not None and args.k < 2:
+        raise ConfigError(f"--k must be >= 2, got {args.k}")
+    if args.n_init < 1:
+        raise ConfigError(f"--n-init must be >= 1, got {args.n_init}")
+    options = EvalOptions(n_init=args.n_init, k=args.k, seed=args.seed, plots=not args.no_plots)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    init_ray(args.address)
+    outcomes = reevaluate_experiment(uri, args.experiment, options, args.filter, device=args.device)
+    print(f"\n{'run':<44}{'status':<22}{'ACC':>7}{'NMI':>7}{'ARI':>7}   (K-means, normalised; eval/{options.version})")
+    for o in outcomes:
+        values = "".join(f"{o.metrics[f'kmeans_norm_{m}']:>7.3f}" if f"kmeans_norm_{m}" in o.metrics else f"{'-':>7}"
+                         for m in ("acc", "nmi", "ari"))
+        print(f"{o.run_name[:43]:<44}{o.status[:80]:<22}{values}")
+    failed = [o for o in outcomes if o.status.startswith("failed")]
+    print(f"{len(outcomes)} runs: {sum(o.status == 'evaluated' for o in outcomes)} evaluated, "
+          f"{sum(o.status == 'already evaluated' for o in outcomes)} already evaluated, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(_load(args).to_yaml(), end="")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from clusterlab.platform.sweep import run_sweep
+
+    overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    result = run_sweep(args.space, overrides, name=args.name, address=args.address, resume=args.resume)
+    print(f"\nsweep {result.name!r}: {result.trials} trials, {result.failed} failed")
+    if result.best_run_id:
+        print(f"best trial (MLflow run {result.best_run_id}):")
+        for key, value in result.best_params.items():
+            print(f"  {key} = {value}")
+        _print_metrics_table({"best trial": result.best_metrics}, RESULT_ROWS)
+        for key in ("val_loss", "linear_probe_acc"):
+            if key in result.best_metrics:
+                print(f"{key:<40}{result.best_metrics[key]:>10.4f}")
+    if result.heatmap:
+        print(f"heatmap: {result.heatmap} (and .csv), logged to the parent run")
+    print(f"\nMLflow experiment {result.name!r}, parent run {result.parent_run_id}; open it with: clusterlab ui")
+    return 0
+
+
+def cmd_heatmap(args: argparse.Namespace) -> int:
+    from clusterlab.platform import tracking
+    from clusterlab.platform.heatmap import draw_heatmap
+
+    client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
+    out = draw_heatmap(client, args.experiment, args.x, args.y, args.facet, args.metric, args.out)
+    print(f"heatmap written to {out} and {out.with_suffix('.csv')}")
     return 0
 
 
@@ -165,8 +213,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from clusterlab.platform.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(args.port)]
-    print(" ".join(argv[2:]), flush=True)
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+            "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl+C stops it", flush=True)
     os.execv(sys.executable, argv)
     return 0  # not reached
 
@@ -212,6 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sweep", help="run a Ray Tune sweep from a search-space YAML; one MLflow parent run per sweep",
+                       description="Each trial is a Ray Train run of the base config with the searched values, "
+                                   "evaluated with the K-means fan-out; trials are MLflow child runs of one parent "
+                                   "run (search space, base config, best trial, heatmap). Shipped spaces are in "
+                                   "search_spaces/. Invalid spaces fail before Ray starts.")
+    p.add_argument("space", help="search-space YAML, e.g. search_spaces/mixem_loss_weights_digits.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the base config, e.g. "
+                   "init_from=RUN_ID epochs=50")
+    p.add_argument("--name", help="sweep name = MLflow experiment (default: the space's name, else its file name)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, unfinished ones resume from their "
+                        "checkpoints")
+    p.add_argument("--data-root", help="directory holding the datasets (sets data.root)")
+    p.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: local Ray)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("heatmap", help="draw a sweep's loss-weight heatmap (MIX'EM supplementary Figs. 1-3)",
+                       description="Reads the experiment's runs from MLflow; one panel per --facet value, cell = mean "
+                                   "(and std) over repeated seeds, failed / missing cells marked. Writes PNG + CSV "
+                                   "and logs both to the sweep's parent run.")
+    p.add_argument("--experiment", required=True, help="the sweep's MLflow experiment (its name)")
+    p.add_argument("--x", required=True, help="param across, e.g. lambda_3 or loss.weights.push")
+    p.add_argument("--y", required=True, help="param down, e.g. lambda_4")
+    p.add_argument("--facet", help="param with one panel per value, e.g. lambda_2")
+    p.add_argument("--metric", default="kmeans_norm_acc",
+                   help="final metric per cell (default kmeans_norm_acc; MIX'EM: kmeans_mixinit_acc)")
+    p.add_argument("--out", help="PNG path (default: <experiment>_<metric>_heatmap.png); the CSV goes beside it")
+    p.add_argument("--tracking-uri", help="default $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db")
+    p.set_defaults(func=cmd_heatmap)
+
     p = sub.add_parser("evaluate", help="cluster a run's / checkpoint's / features file's representations",
                        description="K-means with --n-init initialisations fanned out as Ray tasks (best inertia "
                                    "wins), Hungarian ACC / NMI / ARI, MIX'EM readings, linear probe and plots. "
@@ -228,13 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, help="Ray tasks to split them over (default: one per GPU, else per CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="where K-means and feature extraction run (default: GPUs when there are any)")
-    p.add_argument("--seed", type=int, default=0, help="with --features: K-means seed")
+    p.add_argument("--seed", type=int, default=0, help="K-means seed (default 0)")
     p.add_argument("--json", help="write every metric (and best inertias) as JSON to this file")
     p.add_argument("--plots-dir", help="also save the plots as PNG files here")
     p.add_argument("--no-plots", action="store_true", help="skip the plots (t-SNE takes a while on large splits)")
     p.add_argument("--tracking-uri", help="with --run-id: default $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reeval", help="re-evaluate every finished run of an experiment, as parallel Ray tasks",
+                       description="One Ray task per run (GPU tasks when the cluster has GPUs): checkpoint -> "
+                                   "features -> K-means fan-out. Metrics are logged to each run as "
+                                   "eval/<version>/<metric> with version = k<K>-n<n_init>-s<seed>; runs already "
+                                   "evaluated with the same options are skipped (re-running is a no-op, an "
+                                   "interrupted job resumes); a broken checkpoint is reported and skipped.")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument("--filter", help="MLflow search filter, e.g. \"params.method = 'mixem'\"")
+    p.add_argument("--k", type=int, help="number of clusters (default: number of classes)")
+    p.add_argument("--n-init", type=int, default=50, help="K-means initialisations (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="K-means seed")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU tasks when the cluster has GPUs")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--tracking-uri", help="default $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.set_defaults(func=cmd_reeval)
 
     p = sub.add_parser("config", help="print the resolved, validated config as YAML",
                        description="Resolve defaults < preset < YAML < overrides, validate, and print the result.")
@@ -244,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the MLflow UI on the configured tracking store",
                        description="Runs `mlflow ui` against the tracking URI clusterlab logs to.")
     p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
@@ -261,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clusterlab.data.datasets import DatasetNotFoundError
 
     args = build_parser().parse_args(argv)
+    # MLflow's per-download progress bars would interleave with clusterlab's own progress.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return args.func(args)
     except (ConfigError, DatasetNotFoundError) as exc:

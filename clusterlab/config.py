@@ -16,7 +16,8 @@ import copy
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from types import UnionType
+from typing import Any, Literal, Mapping, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,11 +30,11 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names the field and how to fix it."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Dataset, protocol and splits (MIX'EM Sec. 5.4 / Table 4; supplementary 1.3)."""
 
     name: DatasetName = "digits"
@@ -48,7 +49,7 @@ class DataConfig(_Strict):
     download: bool = Field(False, description="download missing files (needs internet); never implicit")
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """SimCLR augmentation as in MIX'EM supplementary 1.2, applied per sample on whole batches."""
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -79,7 +80,7 @@ class AugmentConfig(_Strict):
         return v
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     backbone: Literal["resnet18", "small_cnn"] = "resnet18"
     stem: Literal["auto", "cifar", "imagenet"] = Field(
         "auto", description="auto: CIFAR stem (3x3 conv, no max-pool) for <= 64 px inputs"
@@ -89,7 +90,7 @@ class ModelConfig(_Strict):
     hidden_dim: int | None = Field(None, ge=1, description="projection hidden width; None = feature dim")
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     name: Literal["adam", "sgd"] = "adam"
     lr: float = Field(5e-4, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
@@ -99,7 +100,7 @@ class OptimConfig(_Strict):
     min_lr: float = Field(0.0, ge=0.0)
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     temperature: float = Field(0.5, gt=0.0, description="NT-Xent temperature (MIX'EM Eq. 1)")
     weights: dict[str, float] = Field(default_factory=dict, description="weight per named loss term")
 
@@ -112,7 +113,7 @@ class LossConfig(_Strict):
         return v
 
 
-class MixemConfig(_Strict):
+class MixemConfig(StrictModel):
     """MIX'EM options (Sec. 3.2)."""
 
     num_components: int | None = Field(None, ge=2, description="M; None = the dataset's number of classes")
@@ -121,21 +122,21 @@ class MixemConfig(_Strict):
     )
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     kmeans_n_init: int = Field(50, ge=1, description="random K-means initialisations; best inertia wins")
     kmeans_max_iter: int = Field(300, ge=1)
     batch_size: int = Field(512, ge=1, description="feature extraction batch size")
     raw_pixels_baseline: bool = Field(True, description="also cluster raw pixels for comparison")
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictModel):
     uri: str | None = Field(
         None, description="MLflow tracking URI; None = $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd"
     )
     experiment: str = Field("clusterlab", min_length=1)
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(StrictModel):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     gpus_per_worker: float = Field(0.0, ge=0.0)
     cpus_per_worker: float = Field(1.0, gt=0.0)
@@ -146,7 +147,7 @@ class ResourcesConfig(_Strict):
         return self.gpus_per_worker > 0
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     method: str = "simclr"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -217,11 +218,11 @@ class ExperimentConfig(_Strict):
 # --------------------------------------------------------------------------- presets
 
 
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -235,11 +236,11 @@ _PAPER_BASE: dict[str, Any] = {"batch_size": 512, "epochs": 600, "optim": {"name
 
 
 def _paper(dataset: str, protocol: str, lr: float) -> dict[str, Any]:
-    return _deep_merge(_PAPER_BASE, {"data": {"name": dataset, "protocol": protocol}, "optim": {"lr": lr}})
+    return deep_merge(_PAPER_BASE, {"data": {"name": dataset, "protocol": protocol}, "optim": {"lr": lr}})
 
 
 def _stage2(dataset: str, lr: float) -> dict[str, Any]:
-    return _deep_merge(_paper(dataset, "train+test", lr), {"method": "mixem", "epochs": 100,
+    return deep_merge(_paper(dataset, "train+test", lr), {"method": "mixem", "epochs": 100,
                                                            "model": {"embedding_dim": 32}})
 
 
@@ -254,9 +255,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "simclr_stl10": _paper("stl10", "train+unlabeled", 1e-4),
     # Stage 2 (MIX'EM Sec. 4): 100 epochs with embedding dim 32 on a base encoder, train+test
     # protocol, loss weights of supplementary Table 1 (l1..l4 = comp_ent, inst_ent, push, pull).
-    "mixem_stl10": _deep_merge(_stage2("stl10", 1e-4), {"loss": {"weights": _table1(1, 0.1, 0.05, 0.1)}}),
-    "mixem_cifar10": _deep_merge(_stage2("cifar10", 5e-4), {"loss": {"weights": _table1(1, 0.1, 0.0, 0.05)}}),
-    "mixem_cifar100_20": _deep_merge(_stage2("cifar100_20", 5e-4),
+    "mixem_stl10": deep_merge(_stage2("stl10", 1e-4), {"loss": {"weights": _table1(1, 0.1, 0.05, 0.1)}}),
+    "mixem_cifar10": deep_merge(_stage2("cifar10", 5e-4), {"loss": {"weights": _table1(1, 0.1, 0.0, 0.05)}}),
+    "mixem_cifar100_20": deep_merge(_stage2("cifar100_20", 5e-4),
                                      {"loss": {"weights": _table1(1, 0.01, 0.05, 0.0)}}),
     # Scaled down for 2 CPU cores: 16 px digits, small CNN, milder crops (an 8 px digit
     # cropped to 8% of its area is unrecognisable) and no flips (digits are not mirror-symmetric).
@@ -275,7 +276,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Measured on digits (40 epochs): with the STL10 weights (1, 0.1, 0.05, 0.1) only ~5 of 10
 # components stayed in use (Max Comp ACC 0.27); l1 = 2 without push/pull kept all 10 in use
 # (Max Comp 0.45, MIX'EM-initialised K-means 0.786).
-PRESETS["mixem_digits"] = _deep_merge(PRESETS["simclr_digits"], {
+PRESETS["mixem_digits"] = deep_merge(PRESETS["simclr_digits"], {
     "method": "mixem",
     "epochs": 40,
     "model": {"embedding_dim": 32},
@@ -344,25 +345,36 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 # --------------------------------------------------------------------------- building
 
 
-def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
-    model: type[BaseModel] = ExperimentConfig
+def _allowed_keys(loc: Sequence[str | int], root: type[BaseModel]) -> list[str]:
+    """The field names of the model at ``loc`` (through nested models, ``dict[str, Model]``
+    values and optional models), or [] where that is not a model."""
+
+    def unwrap(annotation: Any) -> Any:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if get_origin(annotation) in (Union, UnionType) and len(args) == 1 else annotation
+
+    annotation: Any = root
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        annotation = unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = getattr(annotation.model_fields.get(str(part)), "annotation", None)
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
             return []
-        model = annotation
-    return list(model.model_fields)
+    annotation = unwrap(annotation)
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    """One line per error, ``field: message``; unknown keys list the allowed ones."""
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         field = ".".join(loc) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc)
+            allowed = _allowed_keys(loc, root or ExperimentConfig)
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
@@ -375,7 +387,7 @@ def build_config(raw: Mapping[str, Any], source: str = "config") -> ExperimentCo
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
 
 
 def load_config(
@@ -399,7 +411,7 @@ def load_config(
         preset = candidate if candidate in PRESETS else None
     elif preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
-    raw = _deep_merge(PRESETS[preset], user) if preset else user
+    raw = deep_merge(PRESETS[preset], user) if preset else user
     source = " + ".join(s for s in (f"preset {preset}" if preset else "", str(path or ""), "overrides" if overrides else "") if s)
     return build_config(raw, source or "defaults")
 

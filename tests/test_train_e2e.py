@@ -44,14 +44,17 @@ def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, caps
     assert [a.path for a in client.list_artifacts(run.info.run_id, "features")] == ["features/test.parquet"]
     assert run.data.metrics["kmeans_norm_inertia"] > 0 and 0.0 <= run.data.metrics["linear_probe_acc"] <= 1.0
 
-    # Re-evaluation from the run id: the checkpoint artifact is downloaded, metrics logged again.
+    # Re-evaluation from the run id: the checkpoint artifact is downloaded, and the metrics are
+    # logged under the evaluation version, beside (never over) the training-time ones.
     out_json = tmp_path / "reeval.json"
-    assert cli.main(["evaluate", "--run-id", run.info.run_id, "--n-init", "4", "--no-plots",
+    assert cli.main(["evaluate", "--run-id", run.info.run_id, "--n-init", "4", "--k", "12",
                      "--json", str(out_json)]) == 0
-    assert f"logged to MLflow run {run.info.run_id}" in capsys.readouterr().out
-    history = client.get_metric_history(run.info.run_id, "kmeans_norm_acc")
-    assert len(history) == 2  # the training-time value is kept; the re-evaluation is added
-    assert history[-1].value == pytest.approx(json.loads(out_json.read_text())["kmeans_norm_acc"])
+    assert f"logged to MLflow run {run.info.run_id} as eval/k12-n4-s0/" in capsys.readouterr().out
+    assert len(client.get_metric_history(run.info.run_id, "kmeans_norm_acc")) == 1
+    (value,) = client.get_metric_history(run.info.run_id, "eval/k12-n4-s0/kmeans_norm_acc")
+    assert value.value == pytest.approx(json.loads(out_json.read_text())["kmeans_norm_acc"])
+    assert "eval/k12-n4-s0/plots/confusion.png" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "eval/k12-n4-s0/plots")}
 
 
 def test_bad_input_exits_2_before_ray_and_mlflow(tracking_uri, tmp_path, capsys):

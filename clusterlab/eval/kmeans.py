@@ -127,6 +127,8 @@ def batched_kmeans(
         return_all_labels: also return the (B, N) labels of every initialisation (for
             per-initialisation accuracy, MIX'EM Fig. 5).
     """
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()  # e.g. zero-copy from Ray's object store; torch wants writable memory
     xt = torch.as_tensor(x)
     device = torch.device(device) if device is not None else xt.device
     xt = xt.to(device=device, dtype=torch.float32)

@@ -85,3 +85,40 @@ def tsne_figure(x: np.ndarray, labels: np.ndarray, max_points: int = 2000, seed:
     fig.colorbar(sc, ax=ax, fraction=0.04)
     fig.tight_layout()
     return fig
+
+
+def heatmap_figure(cells: list, x: str, y: str, facet: str | None, metric: str, title: str = "") -> Figure:
+    """Annotated heatmaps of ``metric`` over a loss-weight grid, one panel per facet value
+    (MIX'EM supplementary Figs. 1-3). ``cells`` have ``facet, x, y, mean, std, n, status``;
+    failed and missing cells are hatched and labelled, never coloured as a value."""
+    facets = list(dict.fromkeys(c.facet for c in cells))
+    xs = list(dict.fromkeys(c.x for c in cells))
+    ys = list(dict.fromkeys(c.y for c in cells))
+    finite = [c.mean for c in cells if c.status == "ok"]
+    vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    fig, axes = plt.subplots(1, len(facets), figsize=(2.5 + 1.2 * len(xs) * len(facets), 2.0 + 0.8 * len(ys)),
+                             squeeze=False, layout="constrained")
+    for ax, f in zip(axes[0], facets):
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for c in cells:
+            if c.facet == f and c.status == "ok":
+                grid[ys.index(c.y), xs.index(c.x)] = c.mean
+        im = ax.imshow(np.ma.masked_invalid(grid), vmin=vmin, vmax=vmax + 1e-12, cmap="viridis", origin="lower")
+        for c in (c for c in cells if c.facet == f):
+            col, row = xs.index(c.x), ys.index(c.y)
+            if c.status == "ok":
+                text = f"{c.mean:.3f}" + (f"\n±{c.std:.3f}" if c.n > 1 else "")
+                bright = (c.mean - vmin) / max(vmax - vmin, 1e-12) > 0.6
+                ax.text(col, row, text, ha="center", va="center", fontsize=8, color="black" if bright else "white")
+            else:
+                ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", color="grey"))
+                ax.text(col, row, c.status, ha="center", va="center", fontsize=8, color="dimgrey")
+        ax.set_xticks(range(len(xs)), labels=[f"{v:g}" if isinstance(v, float) else str(v) for v in xs])
+        ax.set_yticks(range(len(ys)), labels=[f"{v:g}" if isinstance(v, float) else str(v) for v in ys])
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        if facet:
+            ax.set_title(f"{facet} = {f:g}" if isinstance(f, float) else f"{facet} = {f}", fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.04)
+    fig.suptitle(f"{title}: {metric} (mean over seeds)" if title else metric, fontsize=10)
+    return fig

@@ -128,6 +128,7 @@ def evaluate_checkpoint(
     k: int | None = None,
     tasks: int | None = None,
     device: str | None = None,
+    seed: int | None = None,
     plots: bool = True,
     progress: bool = True,
 ) -> EvalResult:
@@ -141,7 +142,7 @@ def evaluate_checkpoint(
     train, _ = _features_for_split(method, meta, cfg, "train", features_dir, local, progress)
     ev = cfg.eval
     result = evaluate_features(test, k or meta.num_classes, n_init=n_init or ev.kmeans_n_init,
-                               max_iter=ev.kmeans_max_iter, seed=cfg.seed, tasks=tasks, device=device, train=train,
+                               max_iter=ev.kmeans_max_iter, seed=cfg.seed if seed is None else seed, tasks=tasks, device=device, train=train,
                                pixels=test_images if ev.raw_pixels_baseline else None, plots=plots,
                                progress=progress)
     result.feature_files = {s: features_dir / f"{s}.parquet" for s in ("test", "train")}

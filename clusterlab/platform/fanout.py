@@ -83,7 +83,10 @@ def kmeans_fanout(
         if not 2 <= k <= len(x):
             raise ValueError(f"k must be between 2 and the number of samples ({len(x)}) of {name!r}, got {k}")
     sizes, use_gpu = plan_chunks(n_init, tasks, device)
+    # The tasks ask for their own resources from the cluster: inside a Tune trial they must not
+    # be captured by the trial's placement group, which is sized for the trial's driver only.
     options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
+    options["scheduling_strategy"] = "DEFAULT"
     device = "cuda" if use_gpu else "cpu"
     pending: dict[ray.ObjectRef, tuple[str, int]] = {}
     for name, x in variants.items():

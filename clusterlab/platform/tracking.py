@@ -20,6 +20,10 @@ from clusterlab.config import ExperimentConfig, flatten
 
 TRACKING_URI_ENV = "CLUSTERLAB_TRACKING_URI"
 RUN_NAME_TAG = "clusterlab.run_name"
+SWEEP_TAG = "clusterlab.sweep"
+ROLE_TAG = "clusterlab.role"  # "parent" on a sweep's parent run
+TRIAL_TAG = "clusterlab.trial_id"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow nests runs carrying this tag under the parent in its UI
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

@@ -175,8 +175,12 @@ def storage_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.storage_path or "ray_results").absolute()
 
 
-def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri: str) -> Path:
-    """Fit the TorchTrainer; returns the local directory of the final checkpoint."""
+def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri: str,
+                callbacks: list[Any] | None = None) -> tuple[Path, dict[str, float]]:
+    """Fit the TorchTrainer -> (local directory of the final checkpoint, last epoch's metrics).
+
+    ``callbacks`` are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -194,6 +198,7 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train's INFO lines (two per report) would bury the per-epoch progress line.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
     try:
@@ -202,14 +207,12 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
         raise RuntimeError(f"training run {run_name!r} failed: {exc}") from exc
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name!r} produced no checkpoint")
-    return Path(result.checkpoint.path)
+    return Path(result.checkpoint.path), dict(result.metrics or {})
 
 
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
           progress: bool = True) -> TrainResult:
     """Preflight, train on Ray, evaluate, and record it all in one MLflow run."""
-    from clusterlab.platform.evaluate import evaluate_checkpoint, log_evaluation
-
     preflight(cfg)
     run_name = cfg.resolved_run_name()
     cfg = cfg.model_copy(update={"run_name": run_name})
@@ -230,23 +233,35 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         print(f"resuming run {run_name!r} (MLflow run {run_id}) from its latest checkpoint", flush=True)
     status = "FAILED"
     try:
-        checkpoint_dir = run_trainer(cfg, run_id, run_name, tracking_uri)
-        client.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
-        metrics: dict[str, float] = {}
-        if evaluate:
-            # Features are kept per checkpoint beside the run, and reused if evaluation reruns.
-            features_dir = storage_dir(cfg) / run_name / "features" / checkpoint_dir.name
-            evaluation = evaluate_checkpoint(checkpoint_dir, features_dir, progress=progress)
-            metrics = evaluation.metrics
-            log_evaluation(client, run_id, evaluation)
+        checkpoint_dir, _ = run_trainer(cfg, run_id, run_name, tracking_uri)
+        metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, evaluate, progress)
         status = "FINISHED"
         return TrainResult(run_id, run_name, checkpoint_dir, metrics)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     except Exception as exc:
-        reason = "non-finite loss" if isinstance(exc.__cause__, NonFiniteLossError) else type(exc).__name__
-        client.set_tag(run_id, "failure_reason", f"{reason}: {str(exc)[:4000]}")
+        record_failure(client, run_id, exc)
         raise
     finally:
         tracking.end_run(client, run_id, status)
+
+
+def record_and_evaluate(client: tracking.MlflowClient, cfg: ExperimentConfig, run_id: str, checkpoint_dir: Path,
+                        evaluate: bool = True, progress: bool = True) -> dict[str, float]:
+    """Log the final checkpoint to the run, evaluate it (features kept per checkpoint beside the
+    run, reused if evaluation reruns) and log the evaluation. Returns the final metrics."""
+    from clusterlab.platform.evaluate import evaluate_checkpoint, log_evaluation
+
+    client.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
+    if not evaluate:
+        return {}
+    features_dir = storage_dir(cfg) / str(cfg.run_name) / "features" / checkpoint_dir.name
+    evaluation = evaluate_checkpoint(checkpoint_dir, features_dir, progress=progress)
+    log_evaluation(client, run_id, evaluation)
+    return evaluation.metrics
+
+
+def record_failure(client: tracking.MlflowClient, run_id: str, exc: BaseException) -> None:
+    reason = "non-finite loss" if isinstance(exc.__cause__, NonFiniteLossError) else type(exc).__name__
+    client.set_tag(run_id, "failure_reason", f"{reason}: {str(exc)[:4000]}")

@@ -40,6 +40,14 @@ class Method(nn.Module):
     loss_terms: ClassVar[tuple[str, ...]]
     #: weight of each term unless ``loss.weights`` overrides it
     default_weights: ClassVar[Mapping[str, float]]
+    #: the extra per-epoch statistics ``forward`` returns under ``"stats"``
+    epoch_stats: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def epoch_metrics(cls) -> set[str]:
+        """Every metric the training loop reports per epoch for this method (Tune can schedule on these)."""
+        return ({"train_loss", "val_loss", "lr", "epoch_seconds", "images_per_second"}
+                | {f"train_loss_{term}" for term in cls.loss_terms} | set(cls.epoch_stats))
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:

@@ -147,6 +147,7 @@ class MixEM(SimCLR):
     """SimCLR with the mixture-of-embeddings head (Eq. 3) and the loss of Eq. 9."""
 
     loss_terms = ("contrast", "comp_ent", "inst_ent", "push", "pull")
+    epoch_stats = ("component_entropy", "nonempty_components")
     #: supplementary Table 1, STL10 row (l1..l4); L_contrast is unweighted in Eq. 9
     default_weights = {"contrast": 1.0, "comp_ent": 1.0, "inst_ent": 0.1, "push": 0.05, "pull": 0.1}
 

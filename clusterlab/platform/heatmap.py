@@ -1,0 +1,129 @@
+"""Loss-weight heatmaps from a sweep's MLflow child runs (MIX'EM supplementary Figs. 1-3).
+
+A cell is one (facet, x, y) point of the grid. Its value is the mean of the metric over the
+finished runs at that point (repeated seeds), with their std and count. A point whose runs all
+failed is marked ``failed``, a grid point with no run ``missing``; neither is drawn as 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from clusterlab.config import ConfigError, parse_yaml
+from clusterlab.eval.plots import heatmap_figure
+from clusterlab.platform.tracking import ROLE_TAG
+from clusterlab.search_space import LAMBDA_ALIASES
+
+
+@dataclass(frozen=True)
+class Cell:
+    facet: Any
+    x: Any
+    y: Any
+    mean: float
+    std: float
+    n: int
+    status: str  # "ok", "failed" or "missing"
+
+
+def _value(text: Any) -> Any:
+    """Params are strings; grid values from YAML are numbers: compare both as floats."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _parent_grid(client: MlflowClient, parent_id: str | None) -> dict[str, list[Any]]:
+    """The grid values per searched key from the parent run's search_space.yaml, if it has one."""
+    if parent_id is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            text = Path(client.download_artifacts(parent_id, "search_space.yaml", tmp)).read_text()
+        except Exception:  # no such artifact: the grid is whatever the runs cover
+            return {}
+    search = (parse_yaml(text) or {}).get("search") or {}
+    return {LAMBDA_ALIASES.get(k, k): [_value(v) for v in (d or {}).get("grid") or []] for k, d in search.items()}
+
+
+def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None,
+                metric: str) -> tuple[list[Cell], str | None]:
+    """Every grid cell of the experiment's sweep -> (cells, parent run id or None)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in this tracking store")
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", max_results=1)
+    parent_id = parents[0].info.run_id if parents else None
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
+            if r.data.tags.get(ROLE_TAG) != "parent"]
+    if not runs:
+        raise ConfigError(f"--experiment: {experiment!r} has no trial runs yet")
+    for flag, key in (("--x", x), ("--y", y), ("--facet", facet)):
+        if key is not None and not any(key in r.data.params for r in runs):
+            raise ConfigError(f"{flag}: no run of {experiment!r} has the param {key!r} (e.g. loss.weights.push, "
+                              "or lambda_2..lambda_4)")
+    if not any(metric in r.data.metrics for r in runs):
+        available = sorted({m for r in runs for m in r.data.metrics if m.endswith(("_acc", "_nmi", "_ari", "loss"))})
+        raise ConfigError(f"--metric: no run of {experiment!r} logged {metric!r}; available: {', '.join(available)}")
+
+    groups: dict[tuple[Any, Any, Any], list[Any]] = {}
+    for r in runs:
+        key = (_value(r.data.params.get(facet)) if facet else None, _value(r.data.params[x]), _value(r.data.params[y]))
+        groups.setdefault(key, []).append(r)
+
+    grid = _parent_grid(client, parent_id)
+
+    def axis(i: int, name: str | None) -> list[Any]:
+        return sorted(set(grid.get(name, [])) | {k[i] for k in groups}, key=lambda v: (str(type(v)), v))
+
+    cells = []
+    for f in (axis(0, facet) if facet else [None]):
+        for yv in axis(2, y):
+            for xv in axis(1, x):
+                members = groups.get((f, xv, yv), [])
+                values = [r.data.metrics[metric] for r in members if r.info.status == "FINISHED" and metric in r.data.metrics]
+                if values:
+                    cells.append(Cell(f, xv, yv, float(np.mean(values)), float(np.std(values)), len(values), "ok"))
+                else:
+                    cells.append(Cell(f, xv, yv, float("nan"), float("nan"), 0, "failed" if members else "missing"))
+    return cells, parent_id
+
+
+def write_csv(cells: list[Cell], path: Path, x: str, y: str, facet: str | None, metric: str) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*([facet] if facet else []), x, y, f"{metric}_mean", f"{metric}_std", "n_runs", "status"])
+        for c in cells:
+            writer.writerow([*([c.facet] if facet else []), c.x, c.y,
+                             "" if c.status != "ok" else repr(c.mean), "" if c.status != "ok" else repr(c.std),
+                             c.n, c.status])
+
+
+def draw_heatmap(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None = None,
+                 metric: str = "kmeans_norm_acc", out: str | Path | None = None) -> Path:
+    """Heatmap PNG + CSV (same name, ``.csv``) of ``metric`` over the sweep's grid; both are
+    logged to the sweep's parent run when there is one. ``x``/``y``/``facet`` are param names
+    or the paper's ``lambda_1`` .. ``lambda_4``."""
+    x, y = LAMBDA_ALIASES.get(x, x), LAMBDA_ALIASES.get(y, y)
+    facet = LAMBDA_ALIASES.get(facet, facet) if facet else None
+    cells, parent_id = sweep_cells(client, experiment, x, y, facet, metric)
+    out = Path(out or f"{experiment}_{metric}_heatmap.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = {v: f"{k.replace('lambda_', 'λ')} ({v})" for k, v in LAMBDA_ALIASES.items()}
+    figure = heatmap_figure(cells, names.get(x, x), names.get(y, y), names.get(facet, facet) if facet else None,
+                            metric, title=experiment)
+    figure.savefig(out, dpi=120)
+    csv_path = out.with_suffix(".csv")
+    write_csv(cells, csv_path, x, y, facet, metric)
+    if parent_id is not None:
+        client.log_artifact(parent_id, str(out), "heatmap")
+        client.log_artifact(parent_id, str(csv_path), "heatmap")
+    return out

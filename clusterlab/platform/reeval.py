@@ -1,0 +1,138 @@
+"""Batch re-evaluation: every finished run of an experiment, evaluated again as Ray tasks.
+
+Each run is one Ray task (a GPU task when the cluster has GPUs) that downloads the run's
+checkpoint, extracts features and runs the K-means fan-out, then logs the metrics to the run
+under an evaluation-version prefix, ``eval/<version>/<metric>``, where the version spells out
+the evaluation options (``k10-n50-s0``: K, initialisations, seed). Plots go under
+``eval/<version>/plots/``. Nothing the run already holds is overwritten.
+
+A run whose tag ``clusterlab.eval/<version>`` is set was already evaluated with these options
+and is skipped: re-running the same job is a no-op, and an interrupted job continues with the
+runs it had not reached. A broken checkpoint fails its own task only; it is reported and the
+other runs go on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from clusterlab.config import ConfigError
+from clusterlab.platform import tracking
+from clusterlab.platform.tracking import ROLE_TAG
+
+EVAL_TAG_PREFIX = "clusterlab.eval/"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    n_init: int = 50
+    k: int | None = None  # None: the number of classes
+    seed: int = 0
+    plots: bool = True
+
+    @property
+    def version(self) -> str:
+        return f"k{self.k or 'C'}-n{self.n_init}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class ReevalOutcome:
+    run_id: str
+    run_name: str
+    status: str  # "evaluated", "already evaluated", "failed: <reason>"
+    metrics: dict[str, float]
+
+
+def log_versioned(client: tracking.MlflowClient, run_id: str, result, options: EvalOptions) -> None:
+    """Metrics as ``eval/<version>/<name>``, plots under ``eval/<version>/plots/``, then the
+    tag that marks the run as done for this version (last, so a crash re-does the run)."""
+    prefix = f"eval/{options.version}"
+    tracking.log_final(client, run_id, {f"{prefix}/{k}": v for k, v in result.metrics.items()})
+    for name, figure in result.figures.items():
+        client.log_figure(run_id, figure, f"{prefix}/plots/{name}")
+    client.set_tag(run_id, EVAL_TAG_PREFIX + options.version,
+                   json.dumps({"n_init": options.n_init, "k": options.k, "seed": options.seed,
+                               "at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+
+def evaluate_run(client: tracking.MlflowClient, run_id: str, options: EvalOptions, device: str | None = None,
+                 tasks: int | None = None, progress: bool = False):
+    """Download ``run_id``'s checkpoint, evaluate it and log the result under the version prefix."""
+    from clusterlab.platform.evaluate import evaluate_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix=f"clusterlab-reeval-{run_id[:8]}-"))
+    try:
+        try:
+            checkpoint = Path(client.download_artifacts(run_id, "checkpoint", str(work)))
+        except Exception as exc:  # MlflowException or a store error: both mean "not usable"
+            raise ValueError(f"run {run_id} has no usable 'checkpoint' artifact ({exc})") from None
+        result = evaluate_checkpoint(checkpoint, work / "features", n_init=options.n_init, k=options.k,
+                                     tasks=tasks, device=device, seed=options.seed, plots=options.plots,
+                                     progress=progress)
+        log_versioned(client, run_id, result, options)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@ray.remote(num_cpus=1)
+def _reeval_task(tracking_uri: str, run_id: str, options: EvalOptions, device: str | None) -> dict[str, float]:
+    return evaluate_run(tracking.MlflowClient(tracking_uri), run_id, options, device).metrics
+
+
+def reevaluate_experiment(
+    tracking_uri: str,
+    experiment: str,
+    options: EvalOptions,
+    filter_string: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[ReevalOutcome]:
+    """Re-evaluate every finished run with a checkpoint in ``experiment`` (matching
+    ``filter_string``, MLflow search syntax) as parallel Ray tasks."""
+    client = tracking.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in {tracking_uri}")
+    query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
+    try:
+        runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=10000)
+    except Exception as exc:  # MlflowException: the filter does not parse
+        raise ConfigError(f"--filter: {exc}") from None
+    runs = [r for r in runs if r.data.tags.get(ROLE_TAG) != "parent"]
+    outcomes: list[ReevalOutcome] = []
+    todo = []
+    for r in runs:
+        name = r.data.tags.get(tracking.RUN_NAME_TAG, r.info.run_name or r.info.run_id)
+        if EVAL_TAG_PREFIX + options.version in r.data.tags:
+            prefix = f"eval/{options.version}/"
+            done = {k[len(prefix):]: v for k, v in r.data.metrics.items() if k.startswith(prefix)}
+            outcomes.append(ReevalOutcome(r.info.run_id, name, "already evaluated", done))
+        else:
+            todo.append((r.info.run_id, name))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    options_for_task = {"num_gpus": 1} if gpus and device != "cpu" else {}
+    pending = {_reeval_task.options(**options_for_task).remote(tracking_uri, run_id, options,
+                                                               "cuda" if options_for_task else "cpu"): (run_id, name)
+               for run_id, name in todo}
+    with tqdm(total=len(pending), desc=f"re-evaluating {experiment} ({options.version})", unit="run",
+              disable=not progress) as bar:
+        remaining = list(pending)
+        while remaining:
+            done, remaining = ray.wait(remaining, num_returns=1)
+            run_id, name = pending[done[0]]
+            try:
+                outcomes.append(ReevalOutcome(run_id, name, "evaluated", ray.get(done[0])))
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                outcomes.append(ReevalOutcome(run_id, name, f"failed: {type(cause).__name__}: {str(cause)[:300]}", {}))
+            bar.update(1)
+    return outcomes

@@ -1,0 +1,291 @@
+"""Sweeps: Ray Tune over Ray Train runs, one MLflow parent run per sweep, one child per trial.
+
+Following Ray 2.60's pattern for tuning Train runs, each Tune trial runs
+:func:`_trial_driver`, a plain function that creates (or, on resume, finds) the trial's MLflow
+child run, launches the trial's ``TorchTrainer`` with Tune's ``TuneReportCallback`` (so Tune
+sees every epoch's metrics and can stop a trial early), evaluates the final checkpoint with
+the K-means fan-out and reports the evaluation to Tune once more.
+
+Names are stable across ``--resume``: the Tune experiment is ``<storage>/<sweep name>``, a
+trial's Train run is ``<sweep name>-<trial id>`` (Train continues it from its last checkpoint)
+and its MLflow child run carries the trial id, so nothing is logged twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clusterlab.config import ConfigError, ExperimentConfig
+from clusterlab.platform import tracking
+from clusterlab.platform.train import (
+    _check_cluster_resources,
+    init_ray,
+    preflight,
+    record_and_evaluate,
+    record_failure,
+    resolve_init_from,
+    run_trainer,
+    storage_dir,
+)
+from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, trial_config
+from clusterlab.trainers import METHODS
+
+from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    name: str
+    experiment_id: str
+    parent_run_id: str
+    best_run_id: str | None
+    best_params: dict[str, str]
+    best_metrics: dict[str, float]
+    trials: int
+    failed: int
+    heatmap: Path | None
+
+
+def _tune_domain(domain: Domain) -> Any:
+    from ray import tune
+
+    value = getattr(domain, domain.kind)
+    return {"grid": lambda: tune.grid_search(list(value)), "choice": lambda: tune.choice(list(value)),
+            "uniform": lambda: tune.uniform(*value), "loguniform": lambda: tune.loguniform(*value),
+            "randint": lambda: tune.randint(*value)}[domain.kind]()
+
+
+def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One Tune trial (runs in a Tune actor): child run -> Train run -> evaluation -> report."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"{sweep['name']}-{trial_id}"
+    cfg = trial_config(sweep["base"], config["params"], f"trial {trial_id}").model_copy(update={"run_name": run_name})
+    client = tracking.MlflowClient(sweep["tracking_uri"])
+    previous = tracking.find_run(client, sweep["experiment_id"], run_name)
+    if previous and client.get_run(previous).info.status == "FINISHED":
+        # Finished in MLflow before the sweep was interrupted: report it again, never re-run it.
+        ray.tune.report(dict(client.get_run(previous).data.metrics))
+        return
+    run_id, _ = tracking.start_run(client, cfg, run_name, extra_tags={
+        PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["name"], TRIAL_TAG: trial_id,
+        **({"init_from": sweep["init_from"]} if sweep.get("init_from") else {})})
+    status = "FAILED"
+    try:
+        checkpoint_dir, last_epoch = run_trainer(cfg, run_id, run_name, sweep["tracking_uri"],
+                                                 callbacks=[TuneReportCallback()])
+        metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, progress=False)
+        ray.tune.report({**last_epoch, **metrics})
+        status = "FINISHED"
+    except Exception as exc:
+        record_failure(client, run_id, exc)
+        raise
+    finally:
+        tracking.end_run(client, run_id, status)
+
+
+def _find_parent(client: tracking.MlflowClient, experiment_id: str, name: str) -> str | None:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent' and "
+                                                             f"tags.`{SWEEP_TAG}` = '{name}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _child_runs(client: tracking.MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=10000)
+
+
+def _finish_stopped_trials(client: tracking.MlflowClient, experiment_id: str, parent_run_id: str,
+                           base: dict[str, Any], results: Any) -> None:
+    """Trials the scheduler stopped early never reached their own evaluation: evaluate their
+    last checkpoint here so every trial lands in MLflow with clustering metrics."""
+    open_runs = {r.data.tags.get(TRIAL_TAG): r for r in _child_runs(client, experiment_id, parent_run_id)
+                 if r.info.status == "RUNNING"}
+    for result in results:
+        run = open_runs.get(result.metrics.get("trial_id") if result.metrics else None)
+        if run is None:
+            continue
+        checkpoint = (result.metrics or {}).get("checkpoint_path")
+        if result.error is not None or not checkpoint or not Path(checkpoint).exists():
+            tracking.end_run(client, run.info.run_id, "FAILED" if result.error else "KILLED")
+            continue
+        cfg = trial_config(base, _searched_params(result.config), "stopped trial").model_copy(
+            update={"run_name": run.data.tags[tracking.RUN_NAME_TAG]})
+        record_and_evaluate(client, cfg, run.info.run_id, Path(checkpoint), progress=False)
+        client.set_tag(run.info.run_id, "clusterlab.stopped_early", str(int(result.metrics.get("epoch", 0))))
+        tracking.end_run(client, run.info.run_id, "FINISHED")
+
+
+def _searched_params(config: dict[str, Any]) -> dict[str, Any]:
+    return dict(config.get("params", {}))
+
+
+def _best_run(children: list[Any], metric: str, mode: str) -> Any | None:
+    scored = [r for r in children if r.info.status == "FINISHED" and metric in r.data.metrics]
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda r: r.data.metrics[metric])
+
+
+def heatmap_axes(space: SearchSpace) -> tuple[str, str, str | None] | None:
+    """(x, y, facet) when the space is a grid over two or three loss weights (supplementary
+    Figs. 1-3: panels per lambda_2, lambda_3 across, lambda_4 down), else None."""
+    weights = sorted(k for k in space.grid_keys() if k.startswith("loss.weights."))
+    order = {"loss.weights.inst_ent": 0, "loss.weights.push": 1, "loss.weights.pull": 2}
+    weights.sort(key=lambda k: order.get(k, 3))
+    if len(weights) == 2:
+        return weights[0], weights[1], None
+    if len(weights) == 3:
+        return weights[1], weights[2], weights[0]
+    return None
+
+
+def heatmap_metric(method: str) -> str:
+    """The clustering accuracy a loss-weight heatmap shows (MIX'EM Table 1 row 6 for MIX'EM)."""
+    return "kmeans_mixinit_acc" if method == "mixem" else "kmeans_norm_acc"
+
+
+def run_sweep(
+    space_path: str | Path,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+) -> SweepResult:
+    """Validate the search space, run (or resume) the sweep on Ray Tune, record it in MLflow."""
+    space, base, text = load_search_space(space_path, overrides or [])
+    name = name or space.name or Path(space_path).stem
+    base.setdefault("tracking", {})["experiment"] = name
+    base_cfg = ExperimentConfig.model_validate(base)
+    base["storage_path"] = str(storage_dir(base_cfg))
+    base_cfg = ExperimentConfig.model_validate(base)
+    preflight(base_cfg)
+    client = tracking.client_for(base_cfg)
+    tracking_uri = tracking.resolve_tracking_uri(base_cfg.tracking.uri)
+    experiment_id = tracking.experiment_id(client, name)
+    parent = _find_parent(client, experiment_id, name)
+    tune_dir = storage_dir(base_cfg) / name
+    init_from = base_cfg.init_from
+    if init_from:
+        base["init_from"] = str(resolve_init_from(client, base_cfg, storage_dir(base_cfg)))
+
+    import ray.tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if resume:
+        if parent is None or not ray.tune.Tuner.can_restore(str(tune_dir)):
+            raise ConfigError(f"--resume: no interrupted sweep named {name!r} (MLflow experiment {name!r}, Tune "
+                              f"directory {tune_dir}); drop --resume to start it")
+    elif parent is not None or tune_dir.exists():
+        raise ConfigError(f"--name: a sweep named {name!r} already exists (MLflow experiment {name!r} / {tune_dir}); "
+                          "its results are kept: pass --resume to continue it, or --name to start a new one")
+
+    init_ray(address)
+    _check_cluster_resources(base_cfg)
+    if parent is None:
+        parent = client.create_run(experiment_id, run_name=name, tags={
+            SWEEP_TAG: name, ROLE_TAG: "parent", "method": base_cfg.method, "dataset": base_cfg.data.name,
+            "git_commit": tracking.git_commit(), **({"init_from": init_from} if init_from else {})}).info.run_id
+        client.log_text(parent, text, "search_space.yaml")
+        client.log_text(parent, base_cfg.to_yaml(), "base_config.yaml")
+        client.log_param(parent, "trials", space.grid_size() if space.grid_keys() else space.tune.num_samples)
+    else:
+        client.update_run(parent, status="RUNNING")
+        print(f"resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their checkpoints",
+              flush=True)
+
+    sweep = {"name": name, "base": base, "experiment_id": experiment_id, "parent_run_id": parent,
+             "tracking_uri": tracking_uri, "init_from": init_from}
+    trainable = ray.tune.with_parameters(_trial_driver, sweep=sweep)
+    status = "FAILED"
+    try:
+        if resume:
+            tuner = ray.tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
+        else:
+            tuner = ray.tune.Tuner(trainable, param_space={"params": {k: _tune_domain(d) for k, d in space.search.items()}},
+                                   tune_config=_tune_config(space, base_cfg.method, BasicVariantGenerator,
+                                                            max_concurrent_trials(space, base_cfg,
+                                                                                  ray.cluster_resources())),
+                                   run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_dir(base_cfg))))
+        results = tuner.fit()
+        if len(results) < space.grid_size() or results.num_terminated + results.num_errors < len(results):
+            # Tune caught Ctrl+C / SIGINT, stopped the trials and saved its state (trials of a
+            # grid are created lazily, so an interrupted sweep may hold fewer than planned).
+            print(f"sweep {name!r} interrupted; its state is saved. Continue it with: clusterlab sweep "
+                  f"{space_path} --resume" + (f" --name {name}" if name != (space.name or Path(space_path).stem) else ""),
+                  flush=True)
+            raise KeyboardInterrupt
+        _finish_stopped_trials(client, experiment_id, parent, base, results)
+        outcome = _summarise(client, experiment_id, parent, space, name, base_cfg.method,
+                             storage_dir(base_cfg) / f"{name}_heatmap.png")
+        status = "FINISHED"
+        return outcome
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(client, parent, status)
+
+
+def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
+    """The space's limit, else as many trials as the cluster can hold at once: each trial is a
+    Tune driver (1 CPU) plus its Train workers. Without a limit Tune would start every trial's
+    driver and leave their Train runs waiting on each other for workers (Ray's Train + Tune guide)."""
+    if space.tune.max_concurrent_trials:
+        return space.tune.max_concurrent_trials
+    res = cfg.resources
+    fits = int(cluster.get("CPU", 1) // (res.num_workers * res.cpus_per_worker + 1))
+    if res.use_gpu:
+        fits = min(fits, int(cluster.get("GPU", 0) // (res.num_workers * res.gpus_per_worker)))
+    return max(1, fits)
+
+
+def _tune_config(space: SearchSpace, method: str, generator: type, concurrency: int) -> Any:
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    settings = space.tune
+    per_epoch = settings.metric in METHODS[method].epoch_metrics()
+    sched = settings.scheduler
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=sched.max_t, grace_period=sched.grace_period,
+                               reduction_factor=sched.reduction_factor)
+                 if isinstance(sched, AshaScheduler) else FIFOScheduler())
+    # Tune checks every result for its metric: only a per-epoch metric can be given to it; a
+    # final-only metric (an evaluation ACC) picks the best trial after the sweep instead.
+    # The concurrency limit goes to the generator itself: Tune ignores max_concurrent_trials
+    # when it is handed a generator instance.
+    return ray.tune.TuneConfig(metric=settings.metric if per_epoch else None,
+                               mode=settings.mode if per_epoch else None, scheduler=scheduler,
+                               num_samples=settings.num_samples,
+                               search_alg=generator(random_state=settings.seed, max_concurrent=concurrency))
+
+
+def _summarise(client: tracking.MlflowClient, experiment_id: str, parent: str, space: SearchSpace, name: str,
+               method: str, heatmap_out: Path) -> SweepResult:
+    """Best trial's params and metrics onto the parent run, and the heatmap for weight grids."""
+    from clusterlab.platform.heatmap import draw_heatmap
+
+    children = _child_runs(client, experiment_id, parent)
+    best = _best_run(children, space.tune.metric, space.tune.mode)
+    best_params: dict[str, str] = {}
+    best_metrics: dict[str, float] = {}
+    if best is not None:
+        best_params = {k: best.data.params.get(k, "") for k in space.search}
+        best_metrics = dict(best.data.metrics)
+        tracking.log_final(client, parent, {f"best_{k}": v for k, v in best_metrics.items()},
+                           tags={"best_run_id": best.info.run_id,
+                                 **{f"best.{k}": v for k, v in best_params.items()}})
+    heatmap = None
+    axes = heatmap_axes(space)
+    if axes is not None:
+        heatmap = draw_heatmap(client, name, *axes, metric=heatmap_metric(method), out=heatmap_out)
+    failed = sum(r.info.status == "FAILED" for r in children)
+    client.log_metric(parent, "failed_trials", failed)
+    return SweepResult(name, experiment_id, parent, best.info.run_id if best else None, best_params, best_metrics,
+                       len(children), failed, heatmap)

@@ -1,0 +1,231 @@
+"""Sweep search spaces: a YAML file naming a base config, the searched keys and the Tune settings.
+
+::
+
+    name: mixem-loss-weights-stl10          # default sweep name (= MLflow experiment)
+    base: mixem_stl10                       # a preset name, or a config YAML path (relative to this file)
+    overrides: {data.root: ~/data}          # fixed changes to the base, dotted keys
+    search:                                 # dotted config keys -> one domain each
+      loss.weights.push: {grid: [0.0, 0.05, 0.1]}
+      optim.lr: {loguniform: [5e-5, 5e-4]}
+    tune:
+      metric: val_loss                      # selects the best trial (MIX'EM supplementary 1.3)
+      mode: min
+      scheduler: {name: asha, max_t: 100, grace_period: 10, reduction_factor: 3}
+      num_samples: 1                        # repeats of the grid / samples of the random keys
+      max_concurrent_trials: 4
+      seed: 0
+    resources: {num_workers: 1, gpus_per_worker: 0.5, cpus_per_worker: 4}   # per trial
+
+Domains: ``grid`` (every value, crossed with the other grids), ``choice`` (one value sampled),
+``uniform`` / ``loguniform`` ([low, high]), ``randint`` ([low, high), integers).
+
+Validation happens here, before Ray starts: unknown keys, empty grids, bad bounds, an ASHA
+``grace_period`` above ``max_t``, a searched value the config rejects, and a metric the
+method does not produce all raise :class:`~clusterlab.config.ConfigError` naming the field.
+This module imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import product
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, ValidationError, model_validator
+
+from clusterlab.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    ResourcesConfig,
+    deep_merge,
+    format_validation_error,
+    StrictModel,
+    apply_overrides,
+    build_config,
+    parse_yaml,
+    read_yaml_file,
+)
+from clusterlab.trainers import METHODS
+
+#: metrics the evaluation logs at the end of every trial (usable to pick the best trial, not by ASHA)
+EVAL_METRICS = {f"{prefix}_{m}" for prefix in ("kmeans_norm", "kmeans_raw", "pixels") for m in ("acc", "nmi", "ari")}
+MIXEM_EVAL_METRICS = {f"{prefix}_{m}" for prefix in ("maxcomp", "kmeans_mixinit") for m in ("acc", "nmi", "ari")}
+
+#: the MIX'EM paper's names for the loss weights (Eq. 9), accepted wherever a key is named
+LAMBDA_ALIASES = {"lambda_1": "loss.weights.comp_ent", "lambda_2": "loss.weights.inst_ent",
+                  "lambda_3": "loss.weights.push", "lambda_4": "loss.weights.pull"}
+
+
+class Domain(StrictModel):
+    """Exactly one of the five ways to search a key."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Domain":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("grid", "choice") and not value:
+            raise ValueError(f"{kind} is empty; list at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind} needs low < high, got {list(value)}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {value[0]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all make a valid config (every listed value, or both bounds)."""
+        value = getattr(self, self.kind)
+        if self.kind == "randint":
+            return [value[0], value[1] - 1]
+        return list(value)
+
+
+class FifoScheduler(StrictModel):
+    name: Literal["fifo"] = "fifo"
+
+
+class AshaScheduler(StrictModel):
+    """Async successive halving on the per-epoch metric (Tune's ``ASHAScheduler``); time = epochs."""
+
+    name: Literal["asha"]
+    max_t: int = Field(100, ge=1, description="the most epochs a trial may run")
+    grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(4.0, gt=1.0)
+
+    @model_validator(mode="after")
+    def _grace_within_max(self) -> "AshaScheduler":
+        if self.grace_period > self.max_t:
+            raise ValueError(f"grace_period ({self.grace_period}) must be <= max_t ({self.max_t})")
+        return self
+
+
+class TuneSettings(StrictModel):
+    metric: str = Field("val_loss", description="the metric that picks the best trial")
+    mode: Literal["min", "max"] = "min"
+    scheduler: Annotated[Union[FifoScheduler, AshaScheduler], Field(discriminator="name")] = Field(
+        default_factory=FifoScheduler)
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the resources allow")
+    seed: int | None = Field(0, description="seeds the sampling of random domains")
+
+
+class SearchSpace(StrictModel):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base: str = Field(description="preset name or config YAML path")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, Domain] = Field(min_length=1)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    resources: ResourcesConfig | None = None
+
+    def grid_keys(self) -> list[str]:
+        return [k for k, d in self.search.items() if d.kind == "grid"]
+
+    def grid_size(self) -> int:
+        """Trials Tune will run: the grid's cross product times ``num_samples``."""
+        size = 1
+        for key in self.grid_keys():
+            size *= len(self.search[key].grid or [])
+        return size * self.tune.num_samples
+
+
+def _dotted_overrides(values: dict[str, Any]) -> list[str]:
+    # JSON is valid YAML, so every value round-trips through apply_overrides unchanged.
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def resolve_base(space: SearchSpace, source: Path | None, extra_overrides: list[str]) -> dict[str, Any]:
+    """The base config as a raw mapping: preset or YAML file, then ``overrides``, then the
+    command line's ``key=value``."""
+    if space.base in PRESETS:
+        raw: dict[str, Any] = dict(PRESETS[space.base])
+    else:
+        path = Path(space.base).expanduser()
+        if not path.is_absolute() and source is not None:
+            path = source.parent / path
+        if not path.is_file():
+            raise ConfigError(f"base: {space.base!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                              f"nor a config file ({path} does not exist)")
+        raw = read_yaml_file(path)
+        preset = raw.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"base: {path}: unknown preset {preset!r}")
+            raw = deep_merge(PRESETS[preset], raw)
+    raw = apply_overrides(raw, _dotted_overrides(space.overrides))
+    raw = apply_overrides(raw, extra_overrides)
+    if space.resources is not None:
+        raw["resources"] = space.resources.model_dump()
+    return raw
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], source: str = "trial") -> ExperimentConfig:
+    """The validated config of one trial: the base with the searched values applied."""
+    return build_config(apply_overrides(base, _dotted_overrides(params)), source)
+
+
+def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> ExperimentConfig:
+    """Validate the searched values against the config and the metric against the method.
+    Returns the base config (with the first value of every domain) for the run's records."""
+    cfg = build_config(base, f"{label}: base")
+    for key, domain in space.search.items():
+        for value in domain.probe_values():
+            try:
+                trial_config(base, {key: value})
+            except ConfigError as exc:
+                detail = str(exc).split("\n", 1)[-1].strip()
+                raise ConfigError(f"{label}: search.{key}: the value {value!r} makes an invalid config: {detail}") from None
+    probe = trial_config(base, {k: d.probe_values()[0] for k, d in space.search.items()})
+    method = METHODS[probe.method]
+    per_epoch = method.epoch_metrics()
+    final = EVAL_METRICS | (MIXEM_EVAL_METRICS if probe.method == "mixem" else set())
+    metric = space.tune.metric
+    if isinstance(space.tune.scheduler, AshaScheduler) and metric not in per_epoch:
+        raise ConfigError(f"{label}: tune.metric: ASHA needs a metric reported every epoch; {metric!r} is not one "
+                          f"of {', '.join(sorted(per_epoch))}")
+    if metric not in per_epoch | final:
+        raise ConfigError(f"{label}: tune.metric: method {probe.method!r} does not produce {metric!r}; choose one "
+                          f"of {', '.join(sorted(per_epoch | final))}")
+    if isinstance(space.tune.scheduler, AshaScheduler) and space.tune.scheduler.max_t > probe.epochs:
+        raise ConfigError(f"{label}: tune.scheduler.max_t: {space.tune.scheduler.max_t} is more than the "
+                          f"{probe.epochs} epochs a trial trains; set max_t <= epochs")
+    return cfg
+
+
+def load_search_space(path: str | Path, extra_overrides: list[str] = ()) -> tuple[SearchSpace, dict[str, Any], str]:
+    """Read and validate a search-space file -> (space, raw base config, the file's text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space {path} does not exist (shipped ones are in search_spaces/)")
+    text = path.read_text()
+    data = parse_yaml(text, str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (base, search, tune, ...)")
+    data["search"] = {LAMBDA_ALIASES.get(k, k): v for k, v in (data.get("search") or {}).items()}
+    try:
+        space = SearchSpace.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path), SearchSpace)) from None
+    base = resolve_base(space, path, list(extra_overrides))
+    check_space(space, base, str(path))
+    return space, base, text
+
+
+def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
+    """Every combination of the grid keys (what the heatmap's cells are)."""
+    keys = space.grid_keys()
+    return [dict(zip(keys, values)) for values in product(*(space.search[k].grid or [] for k in keys))]

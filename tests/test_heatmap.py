@@ -1,0 +1,86 @@
+"""Heatmap cells from a real MLflow store: mean / std over seeds, failed and missing cells."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from clusterlab import cli
+from clusterlab.platform.heatmap import sweep_cells
+
+SPACE = "base: mixem_digits\nsearch:\n  lambda_2: {grid: [0.01, 0.1]}\n  lambda_3: {grid: [0.0, 0.1]}\n" \
+        "  lambda_4: {grid: [0.0, 0.1]}\n  seed: {grid: [0, 1]}\n"
+
+
+@pytest.fixture()
+def sweep_store(tracking_uri):
+    """A sweep-shaped experiment: a parent with its search space, and children per cell."""
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("hm")
+    parent = client.create_run(exp, tags={"clusterlab.role": "parent", "clusterlab.sweep": "hm"}).info.run_id
+    client.log_text(parent, SPACE, "search_space.yaml")
+    rng = np.random.default_rng(0)
+    values = {}
+    for l2 in ("0.01", "0.1"):
+        for l3 in ("0.0", "0.1"):
+            for l4 in ("0.0", "0.1"):
+                if (l2, l3, l4) == ("0.1", "0.1", "0.1"):
+                    continue  # missing: never ran
+                for seed in ("0", "1"):
+                    run = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+                    for key, v in (("loss.weights.inst_ent", l2), ("loss.weights.push", l3),
+                                   ("loss.weights.pull", l4), ("seed", seed)):
+                        client.log_param(run, key, v)
+                    if (l2, l3, l4) == ("0.01", "0.1", "0.0"):
+                        client.set_terminated(run, "FAILED")  # failed: both seeds
+                        continue
+                    acc = float(rng.uniform(0.2, 0.9))
+                    values.setdefault((float(l2), float(l3), float(l4)), []).append(acc)
+                    client.log_metric(run, "kmeans_mixinit_acc", acc)
+                    client.set_terminated(run, "FINISHED")
+    return client, values
+
+
+def test_cells_average_seeds_and_mark_failed_and_missing(sweep_store):
+    client, values = sweep_store
+    cells, parent = sweep_cells(client, "hm", "loss.weights.push", "loss.weights.pull", "loss.weights.inst_ent",
+                                "kmeans_mixinit_acc")
+    assert parent is not None and len(cells) == 8
+    by_key = {(c.facet, c.x, c.y): c for c in cells}
+    for key, accs in values.items():
+        cell = by_key[key]
+        assert cell.status == "ok" and cell.n == 2
+        assert cell.mean == pytest.approx(np.mean(accs)) and cell.std == pytest.approx(np.std(accs))
+    assert by_key[(0.01, 0.1, 0.0)].status == "failed"
+    assert by_key[(0.1, 0.1, 0.1)].status == "missing"  # from the parent's grid, though no run exists
+
+
+def test_heatmap_cli_writes_png_csv_and_logs_to_parent(sweep_store, tmp_path):
+    client, values = sweep_store
+    out = tmp_path / "fig.png"
+    assert cli.main(["heatmap", "--experiment", "hm", "--x", "lambda_3", "--y", "lambda_4", "--facet", "lambda_2",
+                     "--metric", "kmeans_mixinit_acc", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert {r["status"] for r in rows} == {"ok", "failed", "missing"}
+    for r in rows:
+        if r["status"] == "ok":
+            key = (float(r["loss.weights.inst_ent"]), float(r["loss.weights.push"]), float(r["loss.weights.pull"]))
+            assert float(r["kmeans_mixinit_acc_mean"]) == pytest.approx(np.mean(values[key]))
+        else:
+            assert r["kmeans_mixinit_acc_mean"] == ""  # never a 0 that could be read as a result
+    (parent,) = client.search_runs([client.get_experiment_by_name("hm").experiment_id],
+                                   filter_string="tags.`clusterlab.role` = 'parent'")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "heatmap")} == {"heatmap/fig.png", "heatmap/fig.csv"}
+
+
+def test_heatmap_bad_input_names_the_flag(sweep_store, capsys):
+    assert cli.main(["heatmap", "--experiment", "nope", "--x", "lambda_3", "--y", "lambda_4"]) == 2
+    assert "--experiment" in capsys.readouterr().err
+    assert cli.main(["heatmap", "--experiment", "hm", "--x", "optim.lrr", "--y", "lambda_4",
+                     "--metric", "kmeans_mixinit_acc"]) == 2
+    assert "--x" in capsys.readouterr().err
+    assert cli.main(["heatmap", "--experiment", "hm", "--x", "lambda_3", "--y", "lambda_4", "--metric", "acc"]) == 2
+    assert "kmeans_mixinit_acc" in capsys.readouterr().err

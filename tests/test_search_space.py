@@ -1,0 +1,91 @@
+"""Search-space files: the shipped ones load, bad ones fail naming the field, before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clusterlab import cli
+from clusterlab.config import ConfigError
+from clusterlab.platform.sweep import heatmap_axes
+from clusterlab.search_space import grid_points, load_search_space, trial_config
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+# MIX'EM supplementary Table 1: (lambda_2, lambda_3, lambda_4) per dataset, lambda_1 = 1.
+TABLE1 = {"stl10": (0.1, 0.05, 0.1), "cifar10": (0.1, 0.0, 0.05), "cifar100_20": (0.01, 0.05, 0.0)}
+
+
+@pytest.mark.parametrize("path", sorted(SPACES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_spaces_load_and_validate(path):
+    space, base, _ = load_search_space(path, ["data.root=/nonexistent"])
+    assert space.search and trial_config(base, {k: d.probe_values()[0] for k, d in space.search.items()})
+
+
+@pytest.mark.parametrize("dataset", sorted(TABLE1))
+def test_loss_weight_grids_contain_every_table1_setting(dataset):
+    space, base, _ = load_search_space(SPACES / f"mixem_loss_weights_{dataset}.yaml", ["data.root=/x"])
+    points = {(p["loss.weights.inst_ent"], p["loss.weights.push"], p["loss.weights.pull"]) for p in grid_points(space)}
+    assert set(TABLE1.values()) <= points
+    assert trial_config(base, {}).loss.weights["comp_ent"] == 1.0
+    assert heatmap_axes(space) == ("loss.weights.push", "loss.weights.pull", "loss.weights.inst_ent")
+
+
+@pytest.mark.parametrize("dataset,centre", [("stl10", 1e-4), ("cifar10", 5e-4), ("cifar100_20", 5e-4)])
+def test_lr_spaces_span_a_factor_five_around_the_paper_value(dataset, centre):
+    space, _, _ = load_search_space(SPACES / f"mixem_lr_{dataset}.yaml", ["data.root=/x"])
+    low, high = space.search["optim.lr"].loguniform
+    assert low == pytest.approx(centre / 5) and high == pytest.approx(centre * 5)
+    assert space.tune.scheduler.name == "asha" and space.tune.metric == "val_loss"
+
+
+def _space(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize("body,message", [
+    ("base: simclr_digits\nsearch: {optim.lrr: {grid: [1, 2]}}\n", "search.optim.lrr"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: []}}\n", "grid is empty"),
+    ("base: simclr_digits\nsearch: {optim.lr: {loguniform: [0, 1e-3]}}\n", "loguniform needs low > 0"),
+    ("base: simclr_digits\nsearch: {optim.lr: {uniform: [1e-3, 1e-4]}}\n", "low < high"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: [1e-3], choice: [1]}}\n", "exactly one of"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: [-1.0]}}\n", "search.optim.lr"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: [1e-3]}}\n"
+     "tune: {scheduler: {name: asha, max_t: 5, grace_period: 10}}\n", "grace_period (10) must be <= max_t (5)"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: [1e-3]}}\ntune: {metric: component_entropy}\n",
+     "does not produce 'component_entropy'"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: [1e-3]}}\n"
+     "tune: {metric: kmeans_norm_acc, scheduler: {name: asha, max_t: 5}}\n", "ASHA needs a metric reported every epoch"),
+    ("base: no_such_preset\nsearch: {optim.lr: {grid: [1e-3]}}\n", "neither a preset"),
+    ("base: simclr_digits\nsearch: {}\n", "at least 1 item"),
+    ("base: simclr_digits\nserch: {optim.lr: {grid: [1e-3]}}\n", "unknown key; allowed keys here: name, base"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: [1e-3]}}\ntune: {mode: up}\n", "tune.mode"),
+])
+def test_invalid_spaces_name_the_field(tmp_path, body, message):
+    with pytest.raises(ConfigError) as info:
+        load_search_space(_space(tmp_path, body))
+    assert message in str(info.value)
+
+
+def test_mixem_metric_is_accepted_only_for_mixem(tmp_path):
+    body = "base: {base}\nsearch: {{optim.lr: {{grid: [1e-3]}}}}\ntune: {{metric: nonempty_components, mode: max}}\n"
+    load_search_space(_space(tmp_path, body.format(base="mixem_digits")))
+    with pytest.raises(ConfigError, match="does not produce"):
+        load_search_space(_space(tmp_path, body.format(base="simclr_digits")))
+
+
+def test_base_may_be_a_config_file_relative_to_the_space(tmp_path):
+    (tmp_path / "base.yaml").write_text("preset: simclr_digits\nepochs: 3\n")
+    space, base, _ = load_search_space(_space(tmp_path, "base: base.yaml\nsearch: {seed: {grid: [0, 1]}}\n"))
+    assert trial_config(base, {"seed": 1}).epochs == 3 and space.grid_size() == 2
+
+
+def test_sweep_cli_rejects_a_bad_space_before_ray(tmp_path, capsys):
+    import ray
+
+    path = _space(tmp_path, "base: simclr_digits\nsearch: {optim.lr: {loguniform: [-1, 1]}}\n")
+    assert cli.main(["sweep", str(path)]) == 2
+    assert "loguniform needs low > 0" in capsys.readouterr().err
+    assert not ray.is_initialized()
