@@ -82,10 +82,11 @@ def test_base_may_be_a_config_file_relative_to_the_space(tmp_path):
     assert trial_config(base, {"seed": 1}).epochs == 3 and space.grid_size() == 2
 
 
-def test_sweep_cli_rejects_a_bad_space_before_ray(tmp_path, capsys):
-    import ray
+def test_sweep_cli_rejects_a_bad_space_before_anything_starts(tracking_uri, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
 
     path = _space(tmp_path, "base: simclr_digits\nsearch: {optim.lr: {loguniform: [-1, 1]}}\n")
-    assert cli.main(["sweep", str(path)]) == 2
+    assert cli.main(["sweep", str(path), f"storage_path={tmp_path / 'ray'}"]) == 2
     assert "loguniform needs low > 0" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert MlflowClient(tracking_uri).get_experiment_by_name("space") is None
+    assert not (tmp_path / "ray").exists()
