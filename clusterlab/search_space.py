@@ -103,7 +103,7 @@ class AshaScheduler(StrictModel):
     """Async successive halving on the per-epoch metric (Tune's ``ASHAScheduler``); time = epochs."""
 
     name: Literal["asha"]
-    max_t: int = Field(100, ge=1, description="the most epochs a trial may run")
+    max_t: int = Field(100, ge=1, description="epoch horizon of the halving rungs (<= epochs; survivors train all epochs)")
     grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
     reduction_factor: float = Field(4.0, gt=1.0)
 

@@ -90,3 +90,20 @@ def test_sweep_cli_rejects_a_bad_space_before_anything_starts(tracking_uri, tmp_
     assert "loguniform needs low > 0" in capsys.readouterr().err
     assert MlflowClient(tracking_uri).get_experiment_by_name("space") is None
     assert not (tmp_path / "ray").exists()
+
+
+def test_default_concurrency_fits_driver_plus_workers_in_the_cluster(tmp_path):
+    from clusterlab.platform.sweep import max_concurrent_trials
+
+    body = "base: simclr_digits\nsearch: {{optim.lr: {{grid: [1e-3]}}}}\nresources: {res}\n{tune}"
+    space, base, _ = load_search_space(_space(tmp_path, body.format(res="{num_workers: 2, cpus_per_worker: 2}",
+                                                                    tune="")))
+    cfg = trial_config(base, {})
+    assert max_concurrent_trials(space, cfg, {"CPU": 16}) == 3  # 16 // (2 x 2 + 1 driver)
+    assert max_concurrent_trials(space, cfg, {"CPU": 4}) == 1
+    space, base, _ = load_search_space(_space(tmp_path, body.format(
+        res="{num_workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.5}", tune="")))
+    assert max_concurrent_trials(space, trial_config(base, {}), {"CPU": 64, "GPU": 2}) == 4  # fractional GPUs
+    space, base, _ = load_search_space(_space(tmp_path, body.format(res="{num_workers: 1}",
+                                                                    tune="tune: {max_concurrent_trials: 7}")))
+    assert max_concurrent_trials(space, trial_config(base, {}), {"CPU": 2}) == 7  # the space's own limit wins

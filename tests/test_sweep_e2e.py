@@ -67,6 +67,7 @@ def test_grid_sweep_interrupted_resumed_heatmap_and_reeval(ray_local, tmp_path, 
     assert first.returncode == 130, out[-3000:]
     assert "--resume" in out
     finished_before = {r.info.run_id for r in _children(client, "grid-e2e") if r.info.status == "FINISHED"}
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in _children(client, "grid-e2e"))  # none left RUNNING
 
     # Starting it again without --resume is refused: results are never overwritten.
     again = _sweep(tmp_path, env)

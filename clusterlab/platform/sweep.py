@@ -74,18 +74,14 @@ def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     run_id, _ = tracking.start_run(client, cfg, run_name, extra_tags={
         PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["name"], TRIAL_TAG: trial_id,
         **({"init_from": sweep["init_from"]} if sweep.get("init_from") else {})})
-    status = "FAILED"
-    try:
-        checkpoint_dir, last_epoch = run_trainer(cfg, run_id, run_name, sweep["tracking_uri"],
-                                                 callbacks=[TuneReportCallback()])
-        metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, progress=False)
-        ray.tune.report({**last_epoch, **metrics})
-        status = "FINISHED"
-    except Exception as exc:
-        record_failure(client, run_id, exc)
-        raise
-    finally:
-        tracking.end_run(client, run_id, status)
+    checkpoint_dir, last_epoch = run_trainer(cfg, run_id, run_name, sweep["tracking_uri"],
+                                             callbacks=[TuneReportCallback()])
+    metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, progress=False)
+    ray.tune.report({**last_epoch, **metrics})
+    # Only a clean finish ends the run here. A trial that fails, or that the scheduler stops
+    # (its actor is torn down mid-call), leaves the run open for _settle_trials to close from
+    # Tune's own record of what happened.
+    tracking.end_run(client, run_id, "FINISHED")
 
 
 def _find_parent(client: tracking.MlflowClient, experiment_id: str, name: str) -> str | None:
@@ -99,25 +95,37 @@ def _child_runs(client: tracking.MlflowClient, experiment_id: str, parent_run_id
                               max_results=10000)
 
 
-def _finish_stopped_trials(client: tracking.MlflowClient, experiment_id: str, parent_run_id: str,
-                           base: dict[str, Any], results: Any) -> None:
-    """Trials the scheduler stopped early never reached their own evaluation: evaluate their
-    last checkpoint here so every trial lands in MLflow with clustering metrics."""
+def _settle_trials(client: tracking.MlflowClient, experiment_id: str, parent_run_id: str,
+                   base: dict[str, Any], results: Any) -> None:
+    """Close the child runs their trials left open: a failed trial's run ends FAILED with the
+    error as ``failure_reason``; a trial the scheduler stopped early never reached its own
+    evaluation, so its last checkpoint is evaluated here and the run ends FINISHED."""
     open_runs = {r.data.tags.get(TRIAL_TAG): r for r in _child_runs(client, experiment_id, parent_run_id)
                  if r.info.status == "RUNNING"}
     for result in results:
-        run = open_runs.get(result.metrics.get("trial_id") if result.metrics else None)
+        run = open_runs.get((result.metrics or {}).get("trial_id") or _trial_id(result.path))
         if run is None:
             continue
         checkpoint = (result.metrics or {}).get("checkpoint_path")
-        if result.error is not None or not checkpoint or not Path(checkpoint).exists():
-            tracking.end_run(client, run.info.run_id, "FAILED" if result.error else "KILLED")
-            continue
-        cfg = trial_config(base, _searched_params(result.config), "stopped trial").model_copy(
-            update={"run_name": run.data.tags[tracking.RUN_NAME_TAG]})
-        record_and_evaluate(client, cfg, run.info.run_id, Path(checkpoint), progress=False)
-        client.set_tag(run.info.run_id, "clusterlab.stopped_early", str(int(result.metrics.get("epoch", 0))))
-        tracking.end_run(client, run.info.run_id, "FINISHED")
+        if result.error is not None:
+            record_failure(client, run.info.run_id, result.error)
+            tracking.end_run(client, run.info.run_id, "FAILED")
+        elif checkpoint and Path(checkpoint).exists():
+            cfg = trial_config(base, _searched_params(result.config), "stopped trial").model_copy(
+                update={"run_name": run.data.tags[tracking.RUN_NAME_TAG]})
+            record_and_evaluate(client, cfg, run.info.run_id, Path(checkpoint), progress=False)
+            epochs_done = int(result.metrics.get("epoch", 0))
+            if epochs_done < cfg.epochs:
+                client.set_tag(run.info.run_id, "clusterlab.stopped_early_at_epoch", str(epochs_done))
+            tracking.end_run(client, run.info.run_id, "FINISHED")
+        else:
+            tracking.end_run(client, run.info.run_id, "KILLED")
+
+
+def _trial_id(path: str | None) -> str | None:
+    """Tune trial directories are named ``<trainable>_<trial id>_<index>_<params>_<time>``."""
+    parts = Path(path or "").name.split("_")
+    return "_".join(parts[3:5]) if len(parts) > 5 and parts[:3] == ["", "trial", "driver"] else None
 
 
 def _searched_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -220,8 +228,11 @@ def run_sweep(
             print(f"sweep {name!r} interrupted; its state is saved. Continue it with: clusterlab sweep "
                   f"{space_path} --resume" + (f" --name {name}" if name != (space.name or Path(space_path).stem) else ""),
                   flush=True)
+            for run in _child_runs(client, experiment_id, parent):  # their trials were stopped with the sweep
+                if run.info.status == "RUNNING":
+                    tracking.end_run(client, run.info.run_id, "KILLED")
             raise KeyboardInterrupt
-        _finish_stopped_trials(client, experiment_id, parent, base, results)
+        _settle_trials(client, experiment_id, parent, base, results)
         outcome = _summarise(client, experiment_id, parent, space, name, base_cfg.method,
                              storage_dir(base_cfg) / f"{name}_heatmap.png")
         status = "FINISHED"
@@ -253,8 +264,10 @@ def _tune_config(space: SearchSpace, method: str, generator: type, concurrency: 
     settings = space.tune
     per_epoch = settings.metric in METHODS[method].epoch_metrics()
     sched = settings.scheduler
+    # stop_last_trials=False: a trial that survives every rung trains to the end and is evaluated
+    # inside its own trial, rather than being stopped at max_t before its evaluation.
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=sched.max_t, grace_period=sched.grace_period,
-                               reduction_factor=sched.reduction_factor)
+                               reduction_factor=sched.reduction_factor, stop_last_trials=False)
                  if isinstance(sched, AshaScheduler) else FIFOScheduler())
     # Tune checks every result for its metric: only a per-epoch metric can be given to it; a
     # final-only metric (an evaluation ACC) picks the best trial after the sweep instead.
