@@ -26,6 +26,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                         "(MIX'EM stage 2); recorded as the run's init_from tag")
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=int, help="number of clusters (default: number of classes; more = over-clustering)")
+    p.add_argument("--n-init", type=int, default=50, help="K-means initialisations (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="K-means seed (default 0)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where K-means and feature extraction run (default: GPUs when the cluster has any)")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots (t-SNE takes a while on large splits)")
+    p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
+    p.add_argument("--address", help="Ray cluster address, e.g. auto (default: start a local Ray)")
+
+
 def _load(args: argparse.Namespace) -> ExperimentConfig:
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:  # no YAML given: the first positional is an override
@@ -99,6 +110,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_options(args: argparse.Namespace):
+    """The evaluation options shared by ``evaluate`` and ``reeval``, checked before any work."""
+    from clusterlab.platform.reeval import EvalOptions
+
+    if args.k is not None and args.k < 2:
+        raise ConfigError(f"--k must be >= 2, got {args.k}")
+    if args.n_init < 1:
+        raise ConfigError(f"--n-init must be >= 1, got {args.n_init}")
+    return EvalOptions(n_init=args.n_init, k=args.k, seed=args.seed, plots=not args.no_plots)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoint, a checkpoint directory, or a features file."""
     import json
@@ -107,14 +129,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from clusterlab.eval.feature_files import read_features
     from clusterlab.platform import tracking
     from clusterlab.platform.evaluate import evaluate_checkpoint, evaluate_features
-    from clusterlab.platform.reeval import EvalOptions, evaluate_run
+    from clusterlab.platform.reeval import evaluate_run
     from clusterlab.platform.train import init_ray
 
-    if args.k is not None and args.k < 2:
-        raise ConfigError(f"--k must be >= 2, got {args.k}")
-    if args.n_init < 1:
-        raise ConfigError(f"--n-init must be >= 1, got {args.n_init}")
-    options = EvalOptions(n_init=args.n_init, k=args.k, seed=args.seed, plots=not args.no_plots)
+    options = _eval_options(args)
     try:
         if args.features:
             test = read_features(args.features)
@@ -152,14 +170,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_reeval(args: argparse.Namespace) -> int:
     from clusterlab.platform import tracking
-    from clusterlab.platform.reeval import EvalOptions, reevaluate_experiment
+    from clusterlab.platform.reeval import reevaluate_experiment
     from clusterlab.platform.train import init_ray
 
-    if args.k is not None and args.k < 2:
-        raise ConfigError(f"--k must be >= 2, got {args.k}")
-    if args.n_init < 1:
-        raise ConfigError(f"--n-init must be >= 1, got {args.n_init}")
-    options = EvalOptions(n_init=args.n_init, k=args.k, seed=args.seed, plots=not args.no_plots)
+    options = _eval_options(args)
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     init_ray(args.address)
     outcomes = reevaluate_experiment(uri, args.experiment, options, args.filter, device=args.device)
@@ -167,8 +181,10 @@ def cmd_reeval(args: argparse.Namespace) -> int:
     for o in outcomes:
         values = "".join(f"{o.metrics[f'kmeans_norm_{m}']:>7.3f}" if f"kmeans_norm_{m}" in o.metrics else f"{'-':>7}"
                          for m in ("acc", "nmi", "ari"))
-        print(f"{o.run_name[:43]:<44}{o.status[:80]:<22}{values}")
+        print(f"{o.run_name[:43]:<44}{o.status.split(':')[0]:<22}{values}")
     failed = [o for o in outcomes if o.status.startswith("failed")]
+    for o in failed:
+        print(f"  {o.run_name} ({o.run_id}) skipped, {o.status}")
     print(f"{len(outcomes)} runs: {sum(o.status == 'evaluated' for o in outcomes)} evaluated, "
           f"{sum(o.status == 'already evaluated' for o in outcomes)} already evaluated, {len(failed)} failed")
     return 1 if failed else 0
@@ -302,17 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-features", help="with --features: train-split features for the linear probe")
     p.add_argument("--features-dir", help="where checkpoint features are written / reused "
                                           "(default: beside the checkpoint)")
-    p.add_argument("--k", type=int, help="number of clusters (default: number of classes)")
-    p.add_argument("--n-init", type=int, default=50, help="K-means initialisations (default 50)")
+    _eval_args(p)
     p.add_argument("--tasks", type=int, help="Ray tasks to split them over (default: one per GPU, else per CPU)")
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   help="where K-means and feature extraction run (default: GPUs when there are any)")
-    p.add_argument("--seed", type=int, default=0, help="K-means seed (default 0)")
     p.add_argument("--json", help="write every metric (and best inertias) as JSON to this file")
     p.add_argument("--plots-dir", help="also save the plots as PNG files here")
-    p.add_argument("--no-plots", action="store_true", help="skip the plots (t-SNE takes a while on large splits)")
-    p.add_argument("--tracking-uri", help="with --run-id: default $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("reeval", help="re-evaluate every finished run of an experiment, as parallel Ray tasks",
@@ -323,13 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interrupted job resumes); a broken checkpoint is reported and skipped.")
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
     p.add_argument("--filter", help="MLflow search filter, e.g. \"params.method = 'mixem'\"")
-    p.add_argument("--k", type=int, help="number of clusters (default: number of classes)")
-    p.add_argument("--n-init", type=int, default=50, help="K-means initialisations (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="K-means seed")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: GPU tasks when the cluster has GPUs")
-    p.add_argument("--no-plots", action="store_true", help="skip the plots")
-    p.add_argument("--tracking-uri", help="default $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    _eval_args(p)
     p.set_defaults(func=cmd_reeval)
 
     p = sub.add_parser("config", help="print the resolved, validated config as YAML",
