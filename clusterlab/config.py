@@ -95,9 +95,18 @@ class OptimConfig(StrictModel):
     lr: float = Field(5e-4, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
     weight_decay: float = Field(1e-6, ge=0.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "multistep"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    min_lr: float = Field(0.0, ge=0.0)
+    min_lr: float = Field(0.0, ge=0.0, description="cosine: the lr it decays to")
+    milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="multistep: factor applied at each milestone")
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v) or v != sorted(set(v)):
+            raise ValueError(f"milestones must be increasing epochs >= 1, got {v}")
+        return v
 
 
 class LossConfig(StrictModel):
@@ -120,6 +129,24 @@ class MixemConfig(StrictModel):
     push_pull_form: Literal["paper", "released"] = Field(
         "paper", description="paper: Eq. 6-8 on component embeddings; released: on the mixed embedding z"
     )
+
+
+class LsdcConfig(StrictModel):
+    """LSD-C options (Sec. 3, supplementary Table 1); every Table 4 ablation is a choice here."""
+
+    num_clusters: int | None = Field(None, ge=2, description="K outputs of the linear head; None = number of classes")
+    labeling: Literal["knn", "cosine", "l2", "sne"] = Field("knn", description="pairwise labelling (Sec. 3.2)")
+    label_space: Literal["features", "predictions"] = Field(
+        "features", description="label on backbone features (the method) or on head logits (Table 4 ablation)")
+    k: int = Field(20, ge=1, description="knn: neighbours")
+    threshold: float = Field(0.9, description="tau of cosine (similarity >), l2 (squared distance <) and sne (>)")
+    sne_temperature: float = Field(1.0, gt=0.0, description="sne: T of Eq. 1")
+    composition: Literal["ricap", "mixup", "none"] = Field("ricap", description="data composition (Sec. 3.3)")
+    composition_beta: float = Field(0.3, gt=0.0, description="Beta(b, b) of RICAP crop sizes / MixUp weight")
+    rampup_lambda: float = Field(5.0, ge=0.0, description="lambda of the consistency ramp-up (Eq. 8)")
+    rampup_length: float = Field(100.0, ge=0.0, description="T of the ramp-up, in epochs")
+    train_from_block: int = Field(4, ge=1, le=5, description="first trained macro-block: 4 = last block + head "
+                                                             "(supplementary Sec. 1), 5 = head only, 1 = all")
 
 
 class EvalConfig(StrictModel):
@@ -155,6 +182,7 @@ class ExperimentConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     mixem: MixemConfig = Field(default_factory=MixemConfig)
+    lsdc: LsdcConfig = Field(default_factory=LsdcConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -281,6 +309,55 @@ PRESETS["mixem_digits"] = deep_merge(PRESETS["simclr_digits"], {
     "epochs": 40,
     "model": {"embedding_dim": 32},
     "loss": {"weights": _table1(2, 0.1, 0.0, 0.0)},
+})
+
+# RotNet + LSD-C. Augmentation for both: random crop (about a pad-4 crop's area) and flips only.
+_CROP_FLIP = {"crop_scale": (0.64, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
+
+
+def _rotnet(dataset: str, protocol: str) -> dict[str, Any]:
+    """LSD-C supplementary Sec. 1: RotNet for 200 epochs, SGD lr 0.1 divided by 5 at 60/120/160."""
+    return {"method": "rotnet", "data": {"name": dataset, "protocol": protocol}, "augment": _CROP_FLIP,
+            "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "multistep",
+                      "milestones": [60, 120, 160], "gamma": 0.2},
+            "batch_size": 128, "epochs": 200}
+
+
+def _lsdc(dataset: str, epochs: int, milestones: list[int], lam: float, length: float,
+          lsdc: dict[str, Any]) -> dict[str, Any]:
+    """LSD-C supplementary Table 1: SGD lr 0.1 (x0.1 at the LR steps), batch 256, weight decay
+    5e-4 (main paper Sec. 4), ramp-up lambda / T, RICAP, last macro-block + head trained."""
+    return {"method": "lsdc", "data": {"name": dataset, "protocol": "train"}, "augment": _CROP_FLIP,
+            "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                      "schedule": "multistep" if milestones else "constant", "milestones": milestones, "gamma": 0.1},
+            "batch_size": 256, "epochs": epochs,
+            "lsdc": {"rampup_lambda": lam, "rampup_length": length, "composition": "ricap", **lsdc}}
+
+
+PRESETS.update({
+    "rotnet_cifar10": _rotnet("cifar10", "train+test"),
+    "rotnet_cifar100_20": _rotnet("cifar100_20", "train+test"),
+    "rotnet_stl10": _rotnet("stl10", "train+unlabeled"),  # "all the data available" (LSD-C Sec. 4.1)
+    # Table 1 rows; labelling = the best of Table 4 per dataset (kNN; SNE for STL10, whose row has no k).
+    "lsdc_cifar10": _lsdc("cifar10", 220, [140, 180], 5, 100,
+                          {"labeling": "knn", "k": 20, "sne_temperature": 1.0}),
+    "lsdc_cifar100_20": _lsdc("cifar100_20", 200, [170], 25, 150,
+                              {"labeling": "knn", "k": 10, "sne_temperature": 0.5}),
+    "lsdc_stl10": _lsdc("stl10", 200, [140, 180], 5, 50,
+                        {"labeling": "sne", "threshold": 0.01, "sne_temperature": 0.5}),
+    # MNIST-like 28 px grey inputs as an ImageFolder tree (MNIST row: 15 epochs, kNN k = 10), on
+    # the small CNN (the paper uses a VGG-4-like net for MNIST).
+    "lsdc_mnist": deep_merge(_lsdc("imagefolder", 15, [], 5, 50, {"labeling": "knn", "k": 10}),
+                             {"data": {"image_size": 28}, "model": {"backbone": "small_cnn"}}),
+    "rotnet_mnist": deep_merge(_rotnet("imagefolder", "train+test"),
+                               {"data": {"image_size": 28}, "model": {"backbone": "small_cnn"}}),
+    # Digits, scaled to 2 CPU cores: RotNet 20 epochs, then LSD-C 20 epochs on the last conv block.
+    "rotnet_digits": deep_merge(_rotnet("digits", "train+test"), {
+        "data": {"image_size": 16, "val_fraction": 0.1}, "model": {"backbone": "small_cnn"},
+        "optim": {"milestones": [12, 16]}, "epochs": 20, "eval": {"kmeans_n_init": 20}}),
+    "lsdc_digits": deep_merge(_lsdc("digits", 20, [15], 5, 5, {"labeling": "knn", "k": 10}), {
+        "data": {"image_size": 16, "val_fraction": 0.1}, "model": {"backbone": "small_cnn"}, "batch_size": 128,
+        "optim": {"lr": 0.05}, "eval": {"kmeans_n_init": 20}}),
 })
 
 

@@ -1,5 +1,6 @@
 """Clustering readings beyond plain K-means: MIX'EM's dominant component and K-means
-initialised from it (MIX'EM Table 1 rows 3-7, Sec. 5.1)."""
+initialised from it (MIX'EM Table 1 rows 3-7, Sec. 5.1), and a clustering head's argmax with
+its confident-sample accuracy (LSD-C)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 
 from clusterlab.eval.features import l2_normalize
 from clusterlab.eval.kmeans import batched_kmeans
-from clusterlab.eval.metrics import clustering_metrics
+from clusterlab.eval.metrics import clustering_metrics, hungarian_match
 
 
 def mixem_init_centroids(x: np.ndarray, component: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -40,4 +41,21 @@ def evaluate_mixture(representation: np.ndarray, coefficients: np.ndarray, label
     out.update({f"kmeans_mixinit_{m}": v for m, v in clustering_metrics(labels, run.labels).items()})
     out["kmeans_mixinit_inertia"] = run.inertia
     out["eval_nonempty_components"] = float(len(np.unique(component)))
+    return out
+
+
+def head_metrics(probabilities: np.ndarray, labels: np.ndarray, confidence: float = 0.9) -> dict[str, float]:
+    """Readings of a clustering head (LSD-C Sec. 4): ``head_{acc,nmi,ari}`` of cluster = argmax,
+    and the confident-sample accuracy of the LSD-C supplementary Sec. 2: ``head_confident_acc``
+    on the samples whose top probability exceeds ``confidence`` (0.9 in the paper; the
+    cluster -> class map is the Hungarian one of all samples) and ``head_confident_share``, the
+    share of samples kept. ``head_confident_acc`` is absent when no sample is that confident."""
+    pred = probabilities.argmax(axis=1)
+    out = {f"head_{m}": v for m, v in clustering_metrics(labels, pred).items()}
+    confident = probabilities.max(axis=1) > confidence
+    out["head_confident_share"] = float(confident.mean())
+    if confident.any():
+        _, mapping = hungarian_match(labels, pred)
+        mapped = np.array([mapping[c] for c in pred[confident]])
+        out["head_confident_acc"] = float((mapped == labels[confident]).mean())
     return out

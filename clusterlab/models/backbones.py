@@ -55,3 +55,14 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int]:
         return net, net.out_dim
     cifar_stem = cfg.stem == "cifar" or (cfg.stem == "auto" and image_size <= 64)
     return resnet18(cifar_stem), 512
+
+
+def macro_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's four macro-blocks in order, for freezing the early ones (LSD-C
+    supplementary Sec. 1: after RotNet, the first three ResNet-18 macro-blocks stay frozen).
+    ResNet-18: stem + layer1, layer2, layer3, layer4. Small CNN: its four conv blocks."""
+    if isinstance(backbone, SmallCNN):
+        f = backbone.features
+        return [f[0:3], f[3:7], f[7:10], f[10:]]
+    return [nn.ModuleList([backbone.conv1, backbone.bn1, backbone.layer1]), backbone.layer2, backbone.layer3,
+            backbone.layer4]

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import Normalize
 from clusterlab.data.datasets import load_split
-from clusterlab.eval.clustering import evaluate_mixture
+from clusterlab.eval.clustering import evaluate_mixture, head_metrics
 from clusterlab.eval.feature_files import read_features, write_features
 from clusterlab.eval.features import iter_features, l2_normalize
 from clusterlab.eval.linear_probe import linear_probe_accuracy
@@ -63,7 +63,8 @@ def evaluate_features(
     Metrics: ``kmeans_norm_*`` (L2-normalised representation, MIX'EM Table 1 row 2),
     ``kmeans_raw_*``, ``pixels_*`` (when ``pixels`` are given), each ``acc/nmi/ari`` plus the
     best ``*_inertia``; ``maxcomp_*`` / ``kmeans_mixinit_*`` when MIX'EM coefficients are
-    present; ``linear_probe_acc`` when train features are given. ``device`` (``"cpu"`` /
+    present; ``head_*`` (argmax of the cluster head, confident-sample accuracy) when head
+    probabilities are; ``linear_probe_acc`` when train features are given. ``device`` (``"cpu"`` /
     ``"cuda"``, default: GPUs when the Ray cluster has any) is where K-means runs.
     """
     labels = test["label"]
@@ -85,6 +86,8 @@ def evaluate_features(
     if "coefficients" in test:
         result.metrics.update(evaluate_mixture(test["representation"], test["coefficients"], labels, k,
                                                max_iter, seed, device=_local_device(device)))
+    if "probabilities" in test:
+        result.metrics.update(head_metrics(test["probabilities"], labels))
     if train is not None:
         result.metrics["linear_probe_acc"] = linear_probe_accuracy(train["representation"], train["label"],
                                                                    test["representation"], labels)

@@ -94,11 +94,14 @@ def _autocast(device: torch.device) -> Any:
 
 
 def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, batches: torch.Tensor,
-               device: torch.device, optimizer: torch.optim.Optimizer | None, scheduler: Any) -> dict[str, torch.Tensor]:
+               device: torch.device, optimizer: torch.optim.Optimizer | None, scheduler: Any,
+               epoch: int = 0) -> dict[str, torch.Tensor]:
     """One pass over ``batches``; returns per-step means of the total loss (``loss``), each
     term (``loss_<term>``) and each stat, still on the device (no host sync)."""
     sums: dict[str, torch.Tensor] = {}
-    for idx in batches:
+    for i, idx in enumerate(batches):
+        if optimizer is not None:
+            method.set_progress(epoch + i / len(batches))
         views = method.make_views(images[idx.to(device, non_blocking=True)])
         if device.type == "cuda":
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -175,7 +178,8 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         model.train()
         batches = _shard_indices(len(splits.train), cfg.batch_size, epoch, cfg.seed, rank, world)
         lr = optimizer.param_groups[0]["lr"]
-        train = _mean_over_workers(_run_epoch(method, model, train_images, batches, device, optimizer, scheduler), world)
+        train = _mean_over_workers(_run_epoch(method, model, train_images, batches, device, optimizer, scheduler,
+                                              epoch), world)
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = {"epoch": float(epoch + 1), "lr": lr, "epoch_seconds": seconds,
                                      "images_per_second": len(batches) * cfg.batch_size / seconds}

@@ -57,6 +57,10 @@ class Method(nn.Module):
         self.image_size = image_size
         self.weights: dict[str, float] = {**self.default_weights, **cfg.loss.weights}
 
+    def set_progress(self, epoch: float) -> None:
+        """Called by the training loop before each step with the fractional epoch, for
+        schedules inside a method's loss (LSD-C's ramp-up, Eq. 8). Most methods ignore it."""
+
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """uint8 (N, 3, H, W) batch on the device -> the method's normalised float views."""
         raise NotImplementedError

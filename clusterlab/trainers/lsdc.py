@@ -1,0 +1,102 @@
+"""LSD-C (Rebuffi et al.): a linear head + softmax on a (RotNet-)pretrained backbone, trained
+with pairwise pseudo-labels from the feature space (Sec. 3; pure parts in ``lsdc_losses``).
+
+Per step, with x the un-augmented batch, x' its augmented version and x~ a composite of x'
+(RICAP / MixUp / none):
+
+    A        = pairwise labels of the detached features f = Phi(x)       (Sec. 3.2, Eq. 1-2)
+    L_clus   = BCE(p_i . p~_j, sum_m w_m A[i, sigma_m(j)])                (Eq. 3-6)
+    L_cons   = w(t) / (K N) sum_i ||p_i - p'_i||^2                        (Eq. 8)
+    L_tot    = L_clus + L_cons                                            (Eq. 7)
+
+``lsdc.label_space = predictions`` labels on the head's logits instead (Table 4 ablation).
+The first ``lsdc.train_from_block - 1`` macro-blocks are frozen, weights and BatchNorm
+statistics (supplementary Sec. 1: RotNet's early filters are kept).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clusterlab.config import ExperimentConfig
+from clusterlab.data.augment import BatchAugment, Normalize
+from clusterlab.models import build_backbone, macro_blocks
+from clusterlab.trainers.base import Method, register
+from clusterlab.trainers.lsdc_losses import (
+    consistency_loss,
+    mixup,
+    no_composition,
+    pairwise_adjacency,
+    pairwise_bce_loss,
+    rampup_weight,
+    ricap,
+)
+
+
+@register("lsdc")
+class LSDC(Method):
+    loss_terms = ("clustering", "consistency")
+    default_weights = {"clustering": 1.0, "consistency": 1.0}
+    epoch_stats = ("rampup_weight", "adjacency_density")
+
+    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
+                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__(cfg, num_classes, image_size, mean, std)
+        self.backbone, feat_dim = build_backbone(cfg.model, image_size)
+        self.num_clusters = cfg.lsdc.num_clusters or num_classes
+        self.head = nn.Linear(feat_dim, self.num_clusters)
+        self.augment = BatchAugment(cfg.augment, image_size, mean, std)
+        self.normalize = Normalize(mean, std)
+        self._frozen = macro_blocks(self.backbone)[: cfg.lsdc.train_from_block - 1]
+        for block in self._frozen:
+            block.requires_grad_(False)
+        self._epoch = 0.0
+
+    def train(self, mode: bool = True) -> "LSDC":
+        super().train(mode)
+        for block in self._frozen:  # frozen blocks keep their pretrained BatchNorm statistics
+            block.eval()
+        return self
+
+    def set_progress(self, epoch: float) -> None:
+        self._epoch = epoch
+
+    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.normalize(images), self.augment(images)]
+
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def eval_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.backbone(x)
+        return {"representation": h, "probabilities": torch.softmax(self.head(h).float(), dim=1)}
+
+    def _compose(self, images: torch.Tensor):
+        opts = self.cfg.lsdc
+        if opts.composition == "ricap":
+            return ricap(images, opts.composition_beta)
+        if opts.composition == "mixup":
+            return mixup(images, opts.composition_beta)
+        return no_composition(images)
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        opts = self.cfg.lsdc
+        clean, augmented = views
+        n = clean.shape[0]
+        composite = self._compose(augmented) if opts.composition != "none" else None
+        inputs = [clean, augmented] + ([composite.images] if composite is not None else [])
+        features = self.backbone(torch.cat(inputs))
+        logits = self.head(features).float()
+        p, p_aug = torch.softmax(logits[:n], 1), torch.softmax(logits[n:2 * n], 1)
+        source = features[:n] if opts.label_space == "features" else logits[:n]
+        adjacency = pairwise_adjacency(source.detach(), opts.labeling, k=min(opts.k, n - 1), threshold=opts.threshold,
+                                       temperature=opts.sne_temperature)
+        if composite is None:
+            clustering = pairwise_bce_loss(p, p_aug, adjacency)
+        else:
+            clustering = pairwise_bce_loss(p, torch.softmax(logits[2 * n:], 1), composite.targets(adjacency))
+        weight = rampup_weight(self._epoch, opts.rampup_length, opts.rampup_lambda)
+        terms = {"clustering": clustering, "consistency": weight * consistency_loss(p, p_aug)}
+        stats = {"rampup_weight": torch.tensor(weight, device=p.device), "adjacency_density": adjacency.mean()}
+        return {"terms": terms, "stats": stats}
