@@ -117,3 +117,28 @@ def test_finished_run_name_is_never_reopened(tracking_uri, tmp_path):
     with pytest.raises(ValueError, match="already finished"):
         tracking.start_run(client, cfg, "same-name")
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_rotnet_then_lsdc_through_ray(ray_local, tracking_uri, tmp_path):
+    """LSD-C's two stages on digits: RotNet pretraining, then LSD-C from its MLflow run."""
+    common = ["model.cnn_width=8", "eval.kmeans_n_init=2", "batch_size=128", f"storage_path={tmp_path / 'ray'}",
+              "tracking.experiment=lsdc", "eval.raw_pixels_baseline=false"]
+    rot = f"rot-{uuid.uuid4().hex[:8]}"
+    assert cli.main(["train", "--preset", "rotnet_digits", "epochs=2", *common, "--run-name", rot]) == 0
+    client = MlflowClient(tracking_uri)
+    exp_id = client.get_experiment_by_name("lsdc").experiment_id
+    (rot_run,) = client.search_runs([exp_id])
+    assert [m.step for m in client.get_metric_history(rot_run.info.run_id, "rotation_acc")] == [1, 2]
+
+    lsdc = f"lsdc-{uuid.uuid4().hex[:8]}"
+    assert cli.main(["train", "--preset", "lsdc_digits", "epochs=2", *common, "--run-name", lsdc,
+                     "--init-from", rot_run.info.run_id]) == 0
+    (run,) = client.search_runs([exp_id], filter_string=f"tags.`clusterlab.run_name` = '{lsdc}'")
+    assert run.info.status == "FINISHED" and run.data.tags["init_from"] == rot_run.info.run_id
+    for key in ("train_loss_clustering", "train_loss_consistency", "rampup_weight", "adjacency_density"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    for key in ("head_acc", "head_nmi", "head_ari", "head_confident_share", "kmeans_norm_acc"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
+    # The ramp-up (T = 30 epochs) is logged as the mean weight of each epoch's steps: increasing.
+    weights = [m.value for m in client.get_metric_history(run.info.run_id, "rampup_weight")]
+    assert weights[0] < weights[1] < 5.0
