@@ -136,8 +136,8 @@ class SearchSpace(StrictModel):
     def grid_keys(self) -> list[str]:
         return [k for k, d in self.search.items() if d.kind == "grid"]
 
-    def grid_size(self) -> int:
-        """Trials Tune will run: the grid's cross product times ``num_samples``."""
+    def trial_count(self) -> int:
+        """Trials Tune will run: the grid's cross product (1 without grid keys) times ``num_samples``."""
         size = 1
         for key in self.grid_keys():
             size *= len(self.search[key].grid or [])

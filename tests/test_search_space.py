@@ -79,7 +79,7 @@ def test_mixem_metric_is_accepted_only_for_mixem(tmp_path):
 def test_base_may_be_a_config_file_relative_to_the_space(tmp_path):
     (tmp_path / "base.yaml").write_text("preset: simclr_digits\nepochs: 3\n")
     space, base, _ = load_search_space(_space(tmp_path, "base: base.yaml\nsearch: {seed: {grid: [0, 1]}}\n"))
-    assert trial_config(base, {"seed": 1}).epochs == 3 and space.grid_size() == 2
+    assert trial_config(base, {"seed": 1}).epochs == 3 and space.trial_count() == 2
 
 
 def test_sweep_cli_rejects_a_bad_space_before_anything_starts(tracking_uri, tmp_path, capsys):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from clusterlab.config import ConfigError
 from clusterlab.platform import tracking
+from clusterlab.platform.evaluate import EvalResult, evaluate_checkpoint
 from clusterlab.platform.tracking import ROLE_TAG
 
 EVAL_TAG_PREFIX = "clusterlab.eval/"
@@ -51,7 +52,7 @@ class ReevalOutcome:
     metrics: dict[str, float]
 
 
-def log_versioned(client: tracking.MlflowClient, run_id: str, result, options: EvalOptions) -> None:
+def log_versioned(client: tracking.MlflowClient, run_id: str, result: EvalResult, options: EvalOptions) -> None:
     """Metrics as ``eval/<version>/<name>``, plots under ``eval/<version>/plots/``, then the
     tag that marks the run as done for this version (last, so a crash re-does the run)."""
     prefix = f"eval/{options.version}"
@@ -64,10 +65,8 @@ def log_versioned(client: tracking.MlflowClient, run_id: str, result, options: E
 
 
 def evaluate_run(client: tracking.MlflowClient, run_id: str, options: EvalOptions, device: str | None = None,
-                 tasks: int | None = None, progress: bool = False):
+                 tasks: int | None = None, progress: bool = False) -> EvalResult:
     """Download ``run_id``'s checkpoint, evaluate it and log the result under the version prefix."""
-    from clusterlab.platform.evaluate import evaluate_checkpoint
-
     work = Path(tempfile.mkdtemp(prefix=f"clusterlab-reeval-{run_id[:8]}-"))
     try:
         try:
@@ -118,10 +117,10 @@ def reevaluate_experiment(
             outcomes.append(ReevalOutcome(r.info.run_id, name, "already evaluated", done))
         else:
             todo.append((r.info.run_id, name))
-    gpus = ray.cluster_resources().get("GPU", 0)
-    options_for_task = {"num_gpus": 1} if gpus and device != "cpu" else {}
-    pending = {_reeval_task.options(**options_for_task).remote(tracking_uri, run_id, options,
-                                                               "cuda" if options_for_task else "cpu"): (run_id, name)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and device != "cpu"
+    task_resources = {"num_gpus": 1} if use_gpu else {}
+    pending = {_reeval_task.options(**task_resources).remote(tracking_uri, run_id, options,
+                                                             "cuda" if use_gpu else "cpu"): (run_id, name)
                for run_id, name in todo}
     with tqdm(total=len(pending), desc=f"re-evaluating {experiment} ({options.version})", unit="run",
               disable=not progress) as bar:

@@ -20,7 +20,7 @@ from typing import Any
 from clusterlab.config import ConfigError, ExperimentConfig
 from clusterlab.platform import tracking
 from clusterlab.platform.train import (
-    _check_cluster_resources,
+    check_cluster_resources,
     init_ray,
     preflight,
     record_and_evaluate,
@@ -29,10 +29,9 @@ from clusterlab.platform.train import (
     run_trainer,
     storage_dir,
 )
+from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, trial_config
 from clusterlab.trainers import METHODS
-
-from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def _settle_trials(client: tracking.MlflowClient, experiment_id: str, parent_run
             record_failure(client, run.info.run_id, result.error)
             tracking.end_run(client, run.info.run_id, "FAILED")
         elif checkpoint and Path(checkpoint).exists():
-            cfg = trial_config(base, _searched_params(result.config), "stopped trial").model_copy(
+            cfg = trial_config(base, dict(result.config.get("params", {})), "stopped trial").model_copy(
                 update={"run_name": run.data.tags[tracking.RUN_NAME_TAG]})
             record_and_evaluate(client, cfg, run.info.run_id, Path(checkpoint), progress=False)
             epochs_done = int(result.metrics.get("epoch", 0))
@@ -126,10 +125,6 @@ def _trial_id(path: str | None) -> str | None:
     """Tune trial directories are named ``<trainable>_<trial id>_<index>_<params>_<time>``."""
     parts = Path(path or "").name.split("_")
     return "_".join(parts[3:5]) if len(parts) > 5 and parts[:3] == ["", "trial", "driver"] else None
-
-
-def _searched_params(config: dict[str, Any]) -> dict[str, Any]:
-    return dict(config.get("params", {}))
 
 
 def _best_run(children: list[Any], metric: str, mode: str) -> Any | None:
@@ -169,8 +164,7 @@ def run_sweep(
     space, base, text = load_search_space(space_path, overrides or [])
     name = name or space.name or Path(space_path).stem
     base.setdefault("tracking", {})["experiment"] = name
-    base_cfg = ExperimentConfig.model_validate(base)
-    base["storage_path"] = str(storage_dir(base_cfg))
+    base["storage_path"] = str(storage_dir(ExperimentConfig.model_validate(base)))  # absolute: trials run elsewhere
     base_cfg = ExperimentConfig.model_validate(base)
     preflight(base_cfg)
     client = tracking.client_for(base_cfg)
@@ -194,14 +188,14 @@ def run_sweep(
                           "its results are kept: pass --resume to continue it, or --name to start a new one")
 
     init_ray(address)
-    _check_cluster_resources(base_cfg)
+    check_cluster_resources(base_cfg)
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             SWEEP_TAG: name, ROLE_TAG: "parent", "method": base_cfg.method, "dataset": base_cfg.data.name,
             "git_commit": tracking.git_commit(), **({"init_from": init_from} if init_from else {})}).info.run_id
         client.log_text(parent, text, "search_space.yaml")
         client.log_text(parent, base_cfg.to_yaml(), "base_config.yaml")
-        client.log_param(parent, "trials", space.grid_size() if space.grid_keys() else space.tune.num_samples)
+        client.log_param(parent, "trials", space.trial_count())
     else:
         client.update_run(parent, status="RUNNING")
         print(f"resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their checkpoints",
@@ -222,7 +216,7 @@ def run_sweep(
                                                                                   ray.cluster_resources())),
                                    run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_dir(base_cfg))))
         results = tuner.fit()
-        if len(results) < space.grid_size() or results.num_terminated + results.num_errors < len(results):
+        if len(results) < space.trial_count() or results.num_terminated + results.num_errors < len(results):
             # Tune caught Ctrl+C / SIGINT, stopped the trials and saved its state (trials of a
             # grid are created lazily, so an interrupted sweep may hold fewer than planned).
             print(f"sweep {name!r} interrupted; its state is saved. Continue it with: clusterlab sweep "

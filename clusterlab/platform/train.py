@@ -152,7 +152,7 @@ def init_ray(address: str | None) -> None:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
 
 
-def _check_cluster_resources(cfg: ExperimentConfig) -> None:
+def check_cluster_resources(cfg: ExperimentConfig) -> None:
     import ray
 
     res = cfg.resources
@@ -224,7 +224,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         cfg = cfg.model_copy(update={"init_from": str(path)})
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     init_ray(address)
-    _check_cluster_resources(cfg)
+    check_cluster_resources(cfg)
     try:
         run_id, resumed = tracking.start_run(client, cfg, run_name, extra_tags=lineage)
     except ValueError as exc:
