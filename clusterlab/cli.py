@@ -73,7 +73,7 @@ RESULT_ROWS = [
     ("K-means, raw representations", "kmeans_raw"),
     ("MIX'EM dominant component (Max Comp)", "maxcomp"),
     ("K-means initialised by MIX'EM", "kmeans_mixinit"),
-    ("cluster head, argmax (LSD-C)", "head"),
+    ("cluster head, argmax (LSD-C, ExCB)", "head"),
     ("K-means on raw pixels", "pixels"),
 ]
 

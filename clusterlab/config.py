@@ -149,6 +149,29 @@ class LsdcConfig(StrictModel):
                                                              "(supplementary Sec. 1), 5 = head only, 1 = all")
 
 
+class ExcbConfig(StrictModel):
+    """ExCB options (explicit cluster balancing; ExCB supplementary Sec. 2, Algorithms 1-2).
+    Temperatures and momenta default to DINO-style values: the main paper's table of them is
+    not in ../shared/papers, so sweep them (search_spaces/excb_*.yaml)."""
+
+    num_clusters: int | None = Field(None, ge=2, description="K; None = number of classes; more = over-clustering")
+    global_crops: int = Field(2, ge=2, description="G global views (the teacher sees these)")
+    local_crops: int = Field(4, ge=0, description="L local views (student only)")
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    local_size: int | None = Field(None, ge=4, description="local crop side; None = half the image (16 px at 32, 48 at 96)")
+    projector_dim: int = Field(256, ge=2, description="output of the projector h (input of the centroid layer)")
+    student_temperature: float = Field(0.1, gt=0.0)
+    teacher_temperature: float = Field(0.05, gt=0.0)
+    teacher_momentum: float = Field(0.996, ge=0.0, le=1.0, description="EMA start, cosine schedule to 1")
+    size_momentum: float = Field(0.99, ge=0.0, lt=1.0, description="momentum of the relative cluster sizes s")
+    balancing: bool = Field(True, description="apply B to the teacher's similarities (off: the ablation)")
+    balance_above: Literal["linear", "inverse"] = Field(
+        "linear", description="B for s > 1/K: linear to -1 at s = 1 (Sec. 2) or (1+z)/(sK) - 1 (Algorithm 1)")
+    boost_argmax: bool = Field(False, description="released-code option: keep the raw arg-max similarity")
+    s_from: Literal["raw", "balanced"] = Field("raw", description="update s from assignments before / after B")
+
+
 class EvalConfig(StrictModel):
     kmeans_n_init: int = Field(50, ge=1, description="random K-means initialisations; best inertia wins")
     kmeans_max_iter: int = Field(300, ge=1)
@@ -183,6 +206,7 @@ class ExperimentConfig(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     mixem: MixemConfig = Field(default_factory=MixemConfig)
     lsdc: LsdcConfig = Field(default_factory=LsdcConfig)
+    excb: ExcbConfig = Field(default_factory=ExcbConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -361,6 +385,32 @@ PRESETS.update({
     "lsdc_digits": deep_merge(_lsdc("digits", 100, [80], 5, 30, {"labeling": "knn", "k": 10, "train_from_block": 3}),
                               {"data": {"image_size": 16, "val_fraction": 0.1}, "model": {"backbone": "small_cnn"},
                                "batch_size": 128, "eval": {"kmeans_n_init": 20}}),
+})
+
+# ExCB: multi-crop (2 global + L local views), K = number of classes unless over-clustering.
+_EXCB_AUGMENT = {"hflip_p": 0.5, "jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8, "grayscale_p": 0.2}
+
+
+def _excb(dataset: str, protocol: str, lr: float, local_crops: int) -> dict[str, Any]:
+    return {"method": "excb", "data": {"name": dataset, "protocol": protocol}, "augment": _EXCB_AUGMENT,
+            "optim": {"name": "adam", "lr": lr, "weight_decay": 1e-6, "schedule": "cosine", "warmup_epochs": 10},
+            "batch_size": 256, "epochs": 200, "excb": {"local_crops": local_crops}}
+
+
+PRESETS.update({
+    "excb_cifar10": _excb("cifar10", "train+test", 5e-4, 4),
+    "excb_cifar100_20": _excb("cifar100_20", "train+test", 5e-4, 4),
+    "excb_stl10": _excb("stl10", "train+unlabeled", 5e-4, 6),
+    # Digits on 2 CPU cores: 16 px, small CNN, 2 global + 2 local (8 px) views.
+    "excb_digits": deep_merge(_excb("digits", "train+test", 2e-3, 2), {
+        "data": {"image_size": 16, "val_fraction": 0.1}, "model": {"backbone": "small_cnn"},
+        "augment": {"hflip_p": 0.0}, "optim": {"warmup_epochs": 2}, "batch_size": 128, "epochs": 30,
+        # Measured (10 epochs, K = 30, in-process): size momentum 0.99 and teacher momentum
+        # 0.996 leave the teacher near its initialisation after ~110 steps (90% empty clusters);
+        # 0.9 / 0.99 keep 30% of clusters in use, against 1 cluster (97% empty) without B.
+        "excb": {"global_scale": (0.4, 1.0), "local_scale": (0.2, 0.5), "projector_dim": 64,
+                 "teacher_momentum": 0.99, "size_momentum": 0.9},
+        "eval": {"kmeans_n_init": 20}}),
 })
 
 

@@ -50,7 +50,7 @@ def test_paper_presets_follow_mixem_supplementary(dataset, lr, protocol):
         (["loss.weights={contrast: -1}"], "loss.weights", ">= 0"),
         (["loss.weights={push: 1}"], "unknown terms", "allowed: contrast"),
         (["data.name=imagenet"], "data.name", "'cifar10'"),
-        (["method=dino"], "method", "allowed: lsdc, mixem, rotnet, simclr"),
+        (["method=dino"], "method", "allowed: excb, lsdc, mixem, rotnet, simclr"),
         (["optim.name=lamb"], "optim.name", "'adam' or 'sgd'"),
         (["batch_size=1"], "batch_size", "greater than or equal to 2"),
         (["epochs=0"], "epochs", "greater than or equal to 1"),
@@ -71,7 +71,7 @@ def test_invalid_config_names_the_field(overrides, field, hint):
 
 
 def test_unknown_preset_and_bad_override_syntax():
-    with pytest.raises(ConfigError, match="allowed: lsdc_cifar10, lsdc_cifar100_20, "):
+    with pytest.raises(ConfigError, match="allowed: excb_cifar10, excb_cifar100_20, "):
         load_config(None, [], preset="nope")
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["optim.lr"])

@@ -49,9 +49,14 @@ def head_metrics(probabilities: np.ndarray, labels: np.ndarray, confidence: floa
     and the confident-sample accuracy of the LSD-C supplementary Sec. 2: ``head_confident_acc``
     on the samples whose top probability exceeds ``confidence`` (0.9 in the paper; the
     cluster -> class map is the Hungarian one of all samples) and ``head_confident_share``, the
-    share of samples kept. ``head_confident_acc`` is absent when no sample is that confident."""
+    share of samples kept. ``head_confident_acc`` is absent when no sample is that confident.
+    ``head_empty_clusters`` / ``head_largest_relative_size``: the cluster-size distribution of
+    ExCB supplementary Fig. 1 (relative size N_c K / N; 1 is balanced)."""
     pred = probabilities.argmax(axis=1)
     out = {f"head_{m}": v for m, v in clustering_metrics(labels, pred).items()}
+    sizes = relative_cluster_sizes(pred, probabilities.shape[1])
+    out["head_empty_clusters"] = float((sizes == 0).mean())
+    out["head_largest_relative_size"] = float(sizes.max())
     confident = probabilities.max(axis=1) > confidence
     out["head_confident_share"] = float(confident.mean())
     if confident.any():
@@ -59,3 +64,8 @@ def head_metrics(probabilities: np.ndarray, labels: np.ndarray, confidence: floa
         mapped = np.array([mapping[c] for c in pred[confident]])
         out["head_confident_acc"] = float((mapped == labels[confident]).mean())
     return out
+
+
+def relative_cluster_sizes(assignments: np.ndarray, k: int) -> np.ndarray:
+    """N_c K / N for each of the K clusters (ExCB supplementary Fig. 1): 1 is balanced, 0 empty."""
+    return np.bincount(assignments, minlength=k) * k / max(1, len(assignments))

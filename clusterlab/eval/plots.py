@@ -122,3 +122,18 @@ def heatmap_figure(cells: list, x: str, y: str, facet: str | None, metric: str, 
     fig.colorbar(im, ax=list(axes[0]), fraction=0.04)
     fig.suptitle(f"{title}: {metric} (mean over seeds)" if title else metric, fontsize=10)
     return fig
+
+
+def cluster_sizes_figure(relative_sizes: np.ndarray) -> Figure:
+    """Clusters sorted by relative size N_c K / N, with the balanced size 1 and the empty
+    clusters marked (ExCB supplementary Fig. 1)."""
+    ordered = np.sort(relative_sizes)[::-1]
+    fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
+    ax.bar(range(len(ordered)), ordered, width=1.0, color="tab:blue")
+    ax.axhline(1.0, color="tab:red", linestyle="--", label="balanced (N/K samples)")
+    empty = int((ordered == 0).sum())
+    ax.set_xlabel("cluster (sorted by size)")
+    ax.set_ylabel("relative size N_c K / N")
+    ax.set_title(f"cluster sizes: {empty} of {len(ordered)} empty ({empty / len(ordered):.1%}), largest {ordered[0]:.2f}")
+    ax.legend()
+    return fig

@@ -19,13 +19,14 @@ from mlflow.tracking import MlflowClient
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import Normalize
 from clusterlab.data.datasets import load_split
-from clusterlab.eval.clustering import evaluate_mixture, head_metrics
+from clusterlab.eval.clustering import evaluate_mixture, head_metrics, relative_cluster_sizes
 from clusterlab.eval.feature_files import read_features, write_features
 from clusterlab.eval.features import iter_features, l2_normalize
 from clusterlab.eval.linear_probe import linear_probe_accuracy
 from clusterlab.eval.metrics import clustering_metrics, hungarian_match
 from clusterlab.eval.plots import (
     accuracy_vs_inertia_figure,
+    cluster_sizes_figure,
     component_usage_figure,
     confusion_figure,
     tsne_figure,
@@ -98,6 +99,9 @@ def evaluate_features(
                                                                                norm.best)
         result.figures["confusion.png"] = confusion_figure(*hungarian_match(labels, norm.labels), num_classes)
         result.figures["tsne.png"] = tsne_figure(variants["kmeans_norm"], labels, seed=seed)
+        if "probabilities" in test:
+            result.figures["cluster_sizes.png"] = cluster_sizes_figure(
+                relative_cluster_sizes(test["probabilities"].argmax(1), test["probabilities"].shape[1]))
         if "coefficients" in test:
             result.figures["component_usage.png"] = component_usage_figure(
                 labels, test["coefficients"].argmax(1), test["coefficients"].shape[1])

@@ -113,6 +113,7 @@ def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, bat
             total.backward()
             optimizer.step()
             scheduler.step()
+            method.after_optimizer_step()
         step = {"loss": total, **{f"loss_{k}": v for k, v in out["terms"].items()}, **out["stats"]}
         for name, value in step.items():
             value = value.detach().float()

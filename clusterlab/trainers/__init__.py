@@ -6,6 +6,6 @@ business (they live in ``clusterlab.platform``).
 """
 
 from clusterlab.trainers.base import METHODS, Method, build_method, register
-from clusterlab.trainers import lsdc, mixem, rotnet, simclr  # noqa: F401  (register the methods)
+from clusterlab.trainers import excb, lsdc, mixem, rotnet, simclr  # noqa: F401  (register the methods)
 
 __all__ = ["METHODS", "Method", "build_method", "register"]

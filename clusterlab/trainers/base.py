@@ -61,6 +61,9 @@ class Method(nn.Module):
         """Called by the training loop before each step with the fractional epoch, for
         schedules inside a method's loss (LSD-C's ramp-up, Eq. 8). Most methods ignore it."""
 
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop after every optimiser step (ExCB's EMA teacher update)."""
+
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """uint8 (N, 3, H, W) batch on the device -> the method's normalised float views."""
         raise NotImplementedError

@@ -1,0 +1,94 @@
+"""ExCB's pure parts (Maniadis Metaxas et al., ECCV 2024; spec: ExCB supplementary Sec. 2 and
+Algorithms 1-2): the balancing operator B, the running relative cluster sizes s, the
+centroid layer's similarities and the multi-view loss.
+
+Choices where the supplementary is silent or inconsistent (each an option of ``ExcbConfig``):
+
+- B for s > 1/K: ``linear`` (default) falls linearly from z at s = 1/K to exactly -1 at s = 1,
+  as Sec. 2 and its Fig. 2 state; ``inverse`` is Algorithm 1's (1 + z) / (sK) - 1, which only
+  approaches -1 at s = 1 as K grows.
+- B for s < 1/K is linear in s, from z at s = 1/K to 1 at s = 0 (the "linear" row of
+  supplementary Table 1).
+- z^B is clamped to [-1, 1] (a no-op for cosine similarities; guards rounding).
+- The released code's boost of the arg-max entry is off by default (``boost_argmax``): the
+  supplementary does not describe it.
+- s is updated from the teacher's assignments before balancing (``s_from = raw``, Algorithm 1:
+  ``batch_labels = z_t.argmax``); ``balanced`` uses the assignments after B, as the released
+  code does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def balance(z: torch.Tensor, s: torch.Tensor, above: str = "linear") -> torch.Tensor:
+    """B(z; s) for similarities z (..., K) in [-1, 1] and relative cluster sizes s (K,), sum 1.
+
+    With u = 1 + z in [0, 2] and K clusters:
+      s <= 1/K:  u^B = u + (2 - u)(1 - sK)                      (u^B = 2, z^B = 1 at s = 0)
+      s >  1/K:  u^B = u (1 - (s - 1/K) / (1 - 1/K))   linear   (z^B = -1 at s = 1)
+                 u^B = u / (sK)                        inverse  (Algorithm 1)
+    and z^B = u^B - 1, clamped to [-1, 1]. B(z; 1/K) = z.
+    """
+    k = s.shape[-1]
+    sk = s * k
+    u = 1.0 + z
+    below = u + (2.0 - u) * (1.0 - sk).clamp_min(0.0)
+    if above == "linear":
+        over = u * (1.0 - ((s - 1.0 / k) / (1.0 - 1.0 / k)).clamp_min(0.0))
+    elif above == "inverse":
+        over = u / sk.clamp_min(1.0)
+    else:
+        raise ValueError(f"unknown balancing for s > 1/K: {above!r}; use linear or inverse")
+    return (torch.where(sk <= 1.0, below, over) - 1.0).clamp(-1.0, 1.0)
+
+
+def boost_argmax(z_balanced: torch.Tensor, z_raw: torch.Tensor) -> torch.Tensor:
+    """Released-code option: the raw arg-max cluster of each sample keeps at least its raw similarity."""
+    idx = z_raw.argmax(dim=-1, keepdim=True)
+    return z_balanced.scatter(-1, idx, torch.maximum(z_balanced.gather(-1, idx), z_raw.gather(-1, idx)))
+
+
+def batch_cluster_sizes(assignments: torch.Tensor, k: int) -> torch.Tensor:
+    """Relative cluster sizes of one batch of hard assignments, summed over every worker when
+    running distributed (all-reduce), so each rank applies the same update: (K,), sum 1."""
+    counts = torch.bincount(assignments.flatten(), minlength=k).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return counts / counts.sum().clamp_min(1.0)
+
+
+def update_cluster_sizes(s: torch.Tensor, batch_sizes: torch.Tensor, momentum: float) -> torch.Tensor:
+    """s <- m s + (1 - m) s_batch (the running relative size vector of ExCB)."""
+    return momentum * s + (1.0 - momentum) * batch_sizes
+
+
+def centroid_similarities(x: torch.Tensor, centroids: torch.Tensor, detach_centroids: bool) -> torch.Tensor:
+    """Algorithm 2: cosine similarity of L2-normalised inputs (B, D) with L2-normalised
+    centroids (K, D); ``detach_centroids`` stops the centroid gradient (local crops and the
+    predictor path of Algorithm 1)."""
+    c = centroids.detach() if detach_centroids else centroids
+    return F.normalize(x.float(), dim=-1) @ F.normalize(c.float(), dim=-1).t()
+
+
+def excb_loss(teacher_probs: list[torch.Tensor], student_proj_logp: list[torch.Tensor],
+              student_pred_logp: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1's loss, as cross-entropies H(p_t, p_s) = -sum p_t log p_s.
+
+    ``teacher_probs``: G global views; student lists: the G global views first, then the L
+    local ones. The projector term pairs each teacher view with every *other* view
+    (G + L - 1 pairs), the predictor term with every view including its own (G + L); each is
+    averaged over its pairs and over the teacher views. Returns (loss_h, loss_g); the total is
+    0.5 loss_h + 0.5 loss_g.
+    """
+    g, views = len(teacher_probs), len(student_proj_logp)
+
+    def h(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+        return -(p * logp).sum(dim=1).mean()
+
+    loss_h = sum(h(teacher_probs[v], student_proj_logp[w]) for v in range(g) for w in range(views) if w != v)
+    loss_g = sum(h(teacher_probs[v], student_pred_logp[w]) for v in range(g) for w in range(views))
+    return loss_h / (g * (views - 1)), loss_g / (g * views)

@@ -1,0 +1,163 @@
+"""ExCB: the balancing operator's properties (supplementary Sec. 2), the cluster-size update,
+the detached centroid path (Algorithm 2), the loss pairing (Algorithm 1) and the method's step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clusterlab.config import load_config
+from clusterlab.eval.clustering import relative_cluster_sizes
+from clusterlab.trainers import build_method
+from clusterlab.trainers.excb_losses import (
+    balance,
+    batch_cluster_sizes,
+    boost_argmax,
+    centroid_similarities,
+    excb_loss,
+    update_cluster_sizes,
+)
+
+K = 8
+Z = torch.linspace(-0.99, 0.99, 23)
+
+
+def _b(z: torch.Tensor, s_value: float, above: str = "linear") -> torch.Tensor:
+    """B applied to similarities z of cluster 0 whose relative size is s_value."""
+    s = torch.full((K,), (1 - s_value) / (K - 1))
+    s[0] = s_value
+    zz = torch.zeros(len(z), K)
+    zz[:, 0] = z
+    return balance(zz, s, above)[:, 0]
+
+
+@pytest.mark.parametrize("above", ["linear", "inverse"])
+def test_balanced_size_is_the_identity(above):
+    assert torch.allclose(_b(Z, 1 / K, above), Z, atol=1e-6)
+
+
+@pytest.mark.parametrize("s_value", [0.0, 0.02, 0.05, 0.1])
+def test_small_clusters_are_raised_linearly_up_to_one_at_zero(s_value):
+    out = _b(Z, s_value)
+    assert bool((out > Z).all())
+    # linear in s between s = 0 (z^B = 1) and s = 1/K (z^B = z)
+    assert torch.allclose(out, 1 + (Z - 1) * s_value * K, atol=1e-6)
+    assert torch.allclose(_b(Z, 0.0), torch.ones_like(Z))
+
+
+@pytest.mark.parametrize("s_value", [0.2, 0.5, 0.9, 1.0])
+def test_large_clusters_are_lowered_towards_minus_one(s_value):
+    out = _b(Z, s_value)
+    assert bool((out < Z).all()) and bool((out >= -1).all())
+    t = (s_value - 1 / K) / (1 - 1 / K)
+    assert torch.allclose(out, (1 + Z) * (1 - t) - 1, atol=1e-6)  # linear in s
+    assert torch.allclose(_b(Z, 1.0), -torch.ones_like(Z))
+
+
+def test_inverse_form_is_algorithm_1_and_reaches_minus_one_only_for_large_k():
+    out = _b(Z, 1.0, "inverse")
+    assert torch.allclose(out, (1 + Z) / K - 1, atol=1e-6)
+    assert bool((out > -1).all()) and bool((out < Z).all())
+
+
+def test_output_stays_in_range_on_a_grid():
+    for s_value in np.linspace(0, 1, 21):
+        for above in ("linear", "inverse"):
+            out = _b(torch.linspace(-1, 1, 41), float(s_value), above)
+            assert bool((out >= -1).all()) and bool((out <= 1).all())
+
+
+def test_cluster_size_update_is_a_momentum_average_of_batch_shares():
+    sizes = batch_cluster_sizes(torch.tensor([0, 0, 1, 3]), 4)
+    assert torch.allclose(sizes, torch.tensor([0.5, 0.25, 0.0, 0.25]))
+    s = update_cluster_sizes(torch.full((4,), 0.25), sizes, momentum=0.9)
+    assert torch.allclose(s, 0.9 * 0.25 + 0.1 * sizes) and float(s.sum()) == pytest.approx(1.0)
+
+
+def test_detached_path_gives_no_centroid_gradient():
+    x = torch.randn(5, 6, requires_grad=True)
+    c = torch.randn(K, 6, requires_grad=True)
+    centroid_similarities(x, c, detach_centroids=True).sum().backward()
+    assert c.grad is None and x.grad is not None
+    z = centroid_similarities(x, c, detach_centroids=False)
+    z.sum().backward()
+    assert c.grad is not None
+    assert bool((z.abs() <= 1 + 1e-6).all())  # cosine similarities
+
+
+def test_loss_pairs_views_as_algorithm_1():
+    """G = 2 teacher views, 3 student views: projector pairs exclude a view with itself."""
+    p_t = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    logp = [torch.log(torch.tensor([[0.5, 0.5]])), torch.log(torch.tensor([[0.8, 0.2]])),
+            torch.log(torch.tensor([[0.25, 0.75]]))]
+    loss_h, loss_g = excb_loss(p_t, logp, logp)
+    ce = lambda t, w: -float((p_t[t] * logp[w]).sum())  # noqa: E731
+    assert float(loss_h) == pytest.approx((ce(0, 1) + ce(0, 2) + ce(1, 0) + ce(1, 2)) / 4)
+    assert float(loss_g) == pytest.approx(sum(ce(t, w) for t in range(2) for w in range(3)) / 6)
+
+
+def test_boost_keeps_the_raw_argmax_similarity():
+    raw = torch.tensor([[0.9, 0.1, -0.2]])
+    balanced = torch.tensor([[0.3, 0.5, 0.0]])
+    assert torch.allclose(boost_argmax(balanced, raw), torch.tensor([[0.9, 0.5, 0.0]]))
+
+
+def _excb(*overrides):
+    cfg = load_config(None, ["model.cnn_width=8", *overrides], preset="excb_digits")
+    return build_method(cfg, 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def test_step_updates_sizes_and_teacher_follows_the_student():
+    torch.manual_seed(0)
+    method = _excb().train()
+    views = method.make_views(torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8))
+    assert [v.shape[-1] for v in views] == [16, 16, 8, 8]  # 2 global, 2 local crops at half size
+    before = method.cluster_sizes.clone()
+    out = method(views)
+    assert not torch.equal(before, method.cluster_sizes)
+    assert float(method.cluster_sizes.sum()) == pytest.approx(1.0)
+    method.total_loss(out["terms"]).backward()
+    assert method.student.centroids.grad is not None
+    assert all(p.grad is None for p in method.teacher.parameters())
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(1.0)
+    teacher_before = [t.clone() for t in method.teacher.parameters()]
+    method.set_progress(0.0)
+    method.after_optimizer_step()
+    m = method.teacher_momentum()
+    for t0, t1, s in zip(teacher_before, method.teacher.parameters(), method.student.parameters()):
+        assert torch.allclose(t1, m * t0 + (1 - m) * s)
+    method.set_progress(float(method.cfg.epochs))
+    assert method.teacher_momentum() == pytest.approx(1.0)  # cosine schedule ends at 1
+
+
+def test_relative_cluster_sizes():
+    assert relative_cluster_sizes(np.array([0, 0, 1, 1]), 4).tolist() == [2.0, 2.0, 0.0, 0.0]
+
+
+def _empty_cluster_share(tmp_path, *overrides) -> float:
+    from clusterlab.data.augment import Normalize
+    from clusterlab.data.datasets import load_split
+    from clusterlab.eval.clustering import head_metrics
+    from clusterlab.platform.loop import LocalSession, fit
+    from clusterlab.trainers.checkpoint import method_from_checkpoint, read_checkpoint
+
+    cfg = load_config(None, ["epochs=6", "excb.num_clusters=30", "model.cnn_width=16", *overrides],
+                      preset="excb_digits")
+    fit(cfg, LocalSession(tmp_path))
+    method, _, meta = method_from_checkpoint(read_checkpoint(sorted(tmp_path.glob("epoch_*"))[-1]))
+    test = load_split("digits", None, "test", meta.image_size)
+    with torch.no_grad():
+        probs = method.eval().eval_outputs(Normalize(meta.mean, meta.std)(torch.from_numpy(test.images)))
+    return head_metrics(probs["probabilities"].numpy(), test.labels)["head_empty_clusters"]
+
+
+def test_balancing_leaves_fewer_empty_clusters_than_without_it(tmp_path):
+    """The issue's check, measured: the same digits run (K = 30) with and without B."""
+    torch.manual_seed(0)
+    balanced = _empty_cluster_share(tmp_path / "on")
+    torch.manual_seed(0)
+    unbalanced = _empty_cluster_share(tmp_path / "off", "excb.balancing=false")
+    assert balanced < unbalanced
