@@ -161,3 +161,23 @@ def test_balancing_leaves_fewer_empty_clusters_than_without_it(tmp_path):
     torch.manual_seed(0)
     unbalanced = _empty_cluster_share(tmp_path / "off", "excb.balancing=false")
     assert balanced < unbalanced
+
+
+def _all_reduce_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    assignments = torch.tensor([0, 0, 0]) if rank == 0 else torch.tensor([1, 2, 2, 3, 3])
+    sizes = batch_cluster_sizes(assignments, 4)
+    torch.save(sizes, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_cluster_sizes_are_all_reduced_across_workers(tmp_path):
+    """Two gloo ranks with different batches agree on the global shares (3 + 5 samples)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "sizes")), nprocs=2)
+    expected = torch.tensor([3, 1, 2, 2]) / 8
+    for rank in range(2):
+        assert torch.allclose(torch.load(tmp_path / f"sizes.{rank}"), expected)
