@@ -84,3 +84,16 @@ def test_heatmap_bad_input_names_the_flag(sweep_store, capsys):
     assert "--x" in capsys.readouterr().err
     assert cli.main(["heatmap", "--experiment", "hm", "--x", "lambda_3", "--y", "lambda_4", "--metric", "acc"]) == 2
     assert "kmeans_mixinit_acc" in capsys.readouterr().err
+
+
+def test_figures_are_not_kept_alive_by_pyplot():
+    """Sweeps and re-evaluations draw many figures: none may accumulate in pyplot's registry."""
+    import matplotlib.pyplot as plt
+
+    from clusterlab.eval import plots
+
+    before = len(plt.get_fignums())
+    for _ in range(25):
+        plots.cluster_sizes_figure(np.array([2.0, 1.0, 0.0, 1.0]))
+        plots.accuracy_vs_inertia_figure(np.array([3.0, 2.0]), np.array([0.5, 0.6]), 1)
+    assert len(plt.get_fignums()) == before

@@ -1,13 +1,19 @@
-"""Figures people would rather see than read; returned as matplotlib figures for logging."""
+"""Figures people would rather see than read; returned as matplotlib figures for logging.
+
+Figures are built as ``matplotlib.figure.Figure`` objects, not through pyplot: nothing global
+keeps them alive (long sweeps and re-evaluations draw thousands) and no display is needed."""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # headless: workers and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], squeeze: bool = True,
+              layout: str | None = None):
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
 def component_usage_figure(labels: np.ndarray, component: np.ndarray, num_components: int,
@@ -18,7 +24,7 @@ def component_usage_figure(labels: np.ndarray, component: np.ndarray, num_compon
     usage = np.zeros((len(classes), num_components))
     for row, c in enumerate(classes):
         usage[row] = np.bincount(component[labels == c], minlength=num_components) / max(1, (labels == c).sum())
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * num_components, 1.0 + 0.4 * len(classes)))
+    fig, ax = _subplots(figsize=(1.0 + 0.45 * num_components, 1.0 + 0.4 * len(classes)))
     im = ax.imshow(usage, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for (r, m), v in np.ndenumerate(usage):
         if v >= 0.05:
@@ -39,7 +45,7 @@ def confusion_figure(counts: np.ndarray, mapping: dict[int, int], num_classes: i
     order = sorted(range(counts.shape[0]), key=lambda c: mapping.get(c, num_classes + c))
     table = counts[order][:, :num_classes].T.astype(float)
     table /= np.maximum(table.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(order), 1.2 + 0.45 * num_classes))
+    fig, ax = _subplots(figsize=(1.5 + 0.45 * len(order), 1.2 + 0.45 * num_classes))
     im = ax.imshow(table, vmin=0, vmax=1, cmap="Blues", aspect="auto")
     for (r, c), v in np.ndenumerate(table):
         if v >= 0.05:
@@ -58,7 +64,7 @@ def confusion_figure(counts: np.ndarray, mapping: dict[int, int], num_classes: i
 def accuracy_vs_inertia_figure(inertias: np.ndarray, accuracies: np.ndarray, best: int) -> Figure:
     """Every K-means initialisation's accuracy against its inertia (MIX'EM Fig. 5): low inertia
     does not guarantee high accuracy."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _subplots(figsize=(5, 3.5))
     ax.scatter(inertias, accuracies, s=14, alpha=0.7, label="initialisations")
     ax.scatter([inertias[best]], [accuracies[best]], s=60, marker="*", color="red", label="best inertia (kept)")
     ax.set_xlabel("inertia")
@@ -77,7 +83,7 @@ def tsne_figure(x: np.ndarray, labels: np.ndarray, max_points: int = 2000, seed:
     idx = rng.choice(len(x), size=min(max_points, len(x)), replace=False)
     embedded = TSNE(n_components=2, init="pca", random_state=seed,
                     perplexity=min(30.0, (len(idx) - 1) / 3)).fit_transform(x[idx])
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _subplots(figsize=(5, 5))
     sc = ax.scatter(embedded[:, 0], embedded[:, 1], c=labels[idx], s=4, cmap="tab20")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -96,7 +102,7 @@ def heatmap_figure(cells: list, x: str, y: str, facet: str | None, metric: str, 
     ys = list(dict.fromkeys(c.y for c in cells))
     finite = [c.mean for c in cells if c.status == "ok"]
     vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    fig, axes = plt.subplots(1, len(facets), figsize=(2.5 + 1.2 * len(xs) * len(facets), 2.0 + 0.8 * len(ys)),
+    fig, axes = _subplots(1, len(facets), figsize=(2.5 + 1.2 * len(xs) * len(facets), 2.0 + 0.8 * len(ys)),
                              squeeze=False, layout="constrained")
     for ax, f in zip(axes[0], facets):
         grid = np.full((len(ys), len(xs)), np.nan)
@@ -111,7 +117,7 @@ def heatmap_figure(cells: list, x: str, y: str, facet: str | None, metric: str, 
                 bright = (c.mean - vmin) / max(vmax - vmin, 1e-12) > 0.6
                 ax.text(col, row, text, ha="center", va="center", fontsize=8, color="black" if bright else "white")
             else:
-                ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", color="grey"))
+                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", color="grey"))
                 ax.text(col, row, c.status, ha="center", va="center", fontsize=8, color="dimgrey")
         ax.set_xticks(range(len(xs)), labels=[f"{v:g}" if isinstance(v, float) else str(v) for v in xs])
         ax.set_yticks(range(len(ys)), labels=[f"{v:g}" if isinstance(v, float) else str(v) for v in ys])
@@ -128,7 +134,7 @@ def cluster_sizes_figure(relative_sizes: np.ndarray) -> Figure:
     """Clusters sorted by relative size N_c K / N, with the balanced size 1 and the empty
     clusters marked (ExCB supplementary Fig. 1)."""
     ordered = np.sort(relative_sizes)[::-1]
-    fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
+    fig, ax = _subplots(figsize=(5, 3.2), layout="constrained")
     ax.bar(range(len(ordered)), ordered, width=1.0, color="tab:blue")
     ax.axhline(1.0, color="tab:red", linestyle="--", label="balanced (N/K samples)")
     empty = int((ordered == 0).sum())
