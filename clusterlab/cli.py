@@ -51,10 +51,13 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _print_metrics_table(columns: dict[str, dict[str, float]], rows: list[tuple[str, str]]) -> None:
-    """One line per (label, metric prefix), ACC / NMI / ARI for each column; '-' where absent."""
+    """One line per (label, metric prefix) that some column has, ACC / NMI / ARI for each
+    column; '-' where a column lacks it."""
     header = "".join(f"{name + ' ACC/NMI/ARI':>26}" for name in columns)
     print(f"\n{'clustering of the test split':<40}{header}")
     for label, prefix in rows:
+        if not any(f"{prefix}_acc" in metrics for metrics in columns.values()):
+            continue  # a reading this method does not have
         cells = []
         for metrics in columns.values():
             values = [metrics.get(f"{prefix}_{m}") for m in ("acc", "nmi", "ari")]
