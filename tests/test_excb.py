@@ -181,3 +181,14 @@ def test_cluster_sizes_are_all_reduced_across_workers(tmp_path):
     expected = torch.tensor([3, 1, 2, 2]) / 8
     for rank in range(2):
         assert torch.allclose(torch.load(tmp_path / f"sizes.{rank}"), expected)
+
+
+def test_an_excb_backbone_can_seed_another_method():
+    from clusterlab.trainers.checkpoint import load_backbone
+
+    excb = _excb()
+    simclr = build_method(load_config(None, ["model.cnn_width=8"], preset="simclr_digits"), 10, 16,
+                          (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    load_backbone(simclr, {"model": excb.state_dict(), "config": excb.cfg.model_dump(mode="json")})
+    for a, b in zip(simclr.backbone.parameters(), excb.student.backbone.parameters()):
+        assert torch.equal(a, b)

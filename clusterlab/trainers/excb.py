@@ -54,6 +54,9 @@ class ExCB(Method):
         opts = cfg.excb
         self.num_clusters = opts.num_clusters or num_classes
         self.student = _Encoder(cfg, image_size, self.num_clusters)
+        # The student's backbone is also the method's ``backbone``, so that its checkpoint keys
+        # are ``backbone.*`` like every method's (another method can start from it).
+        self.backbone = self.student.backbone
         self.predictor = ProjectionHead(opts.projector_dim, opts.projector_dim, opts.projector_dim)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("cluster_sizes", torch.full((self.num_clusters,), 1.0 / self.num_clusters))
@@ -63,11 +66,6 @@ class ExCB(Method):
         self.local_views = BatchAugment(cfg.augment.model_copy(update={"crop_scale": opts.local_scale}),
                                         local_size, mean, std)
         self._progress = 0.0
-
-    @property
-    def backbone(self) -> nn.Module:
-        """The student's backbone (what ``--init-from`` loads and stage-2 methods reuse)."""
-        return self.student.backbone
 
     def set_progress(self, epoch: float) -> None:
         self._progress = min(1.0, epoch / max(1, self.cfg.epochs))
