@@ -180,10 +180,9 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], source: str = "tr
     return build_config(apply_overrides(base, _dotted_overrides(params)), source)
 
 
-def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> ExperimentConfig:
-    """Validate the searched values against the config and the metric against the method.
-    Returns the base config (with the first value of every domain) for the run's records."""
-    cfg = build_config(base, f"{label}: base")
+def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> None:
+    """Validate the base, the searched values against the config, and the metric against the method."""
+    build_config(base, f"{label}: base")
     for key, domain in space.search.items():
         for value in domain.probe_values():
             try:
@@ -205,7 +204,6 @@ def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> Experim
     if isinstance(space.tune.scheduler, AshaScheduler) and space.tune.scheduler.max_t > probe.epochs:
         raise ConfigError(f"{label}: tune.scheduler.max_t: {space.tune.scheduler.max_t} is more than the "
                           f"{probe.epochs} epochs a trial trains; set max_t <= epochs")
-    return cfg
 
 
 def load_search_space(path: str | Path, extra_overrides: list[str] = ()) -> tuple[SearchSpace, dict[str, Any], str]:

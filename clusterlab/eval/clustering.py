@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from clusterlab.eval.features import l2_normalize
 from clusterlab.eval.kmeans import batched_kmeans
 from clusterlab.eval.metrics import clustering_metrics, hungarian_match
 
@@ -28,15 +27,15 @@ def mixem_init_centroids(x: np.ndarray, component: np.ndarray, k: int, seed: int
     return np.stack(centroids)
 
 
-def evaluate_mixture(representation: np.ndarray, coefficients: np.ndarray, labels: np.ndarray, k: int,
+def evaluate_mixture(normalized: np.ndarray, coefficients: np.ndarray, labels: np.ndarray, k: int,
                      max_iter: int, seed: int, device: str | None = None) -> dict[str, float]:
     """MIX'EM's two extra readings (Table 1): ``maxcomp_*`` (cluster = dominant component,
-    "Max Comp") and ``kmeans_mixinit_*`` (one K-means run to convergence on the L2-normalised
-    representations, initialised by :func:`mixem_init_centroids`; no 10-iteration cap)."""
+    "Max Comp") and ``kmeans_mixinit_*`` (one K-means run to convergence on the ``normalized``
+    (L2-normalised) representations, initialised by :func:`mixem_init_centroids`; no
+    10-iteration cap)."""
     component = coefficients.argmax(axis=1)
-    x = l2_normalize(representation)
-    run = batched_kmeans(x, k, init=mixem_init_centroids(x, component, k, seed), max_iter=max_iter,
-                         seed=seed, device=device)
+    run = batched_kmeans(normalized, k, init=mixem_init_centroids(normalized, component, k, seed),
+                         max_iter=max_iter, seed=seed, device=device)
     out = {f"maxcomp_{m}": v for m, v in clustering_metrics(labels, component).items()}
     out.update({f"kmeans_mixinit_{m}": v for m, v in clustering_metrics(labels, run.labels).items()})
     out["kmeans_mixinit_inertia"] = run.inertia

@@ -74,8 +74,8 @@ def evaluate_features(
     k = k or len(np.unique(labels))
     if not 2 <= k <= len(labels):
         raise ValueError(f"K must be between 2 and the number of samples ({len(labels)}), got {k}")
-    variants = {"kmeans_norm": test.get("representation_l2", l2_normalize(test["representation"])),
-                "kmeans_raw": test["representation"]}
+    normalized = test["representation_l2"] if "representation_l2" in test else l2_normalize(test["representation"])
+    variants = {"kmeans_norm": normalized, "kmeans_raw": test["representation"]}
     if pixels is not None:
         variants["pixels"] = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
     result = EvalResult({})
@@ -85,8 +85,8 @@ def evaluate_features(
         result.metrics.update({f"{prefix}_{m}": v for m, v in clustering_metrics(labels, run.labels).items()})
         result.metrics[f"{prefix}_inertia"] = run.inertia
     if "coefficients" in test:
-        result.metrics.update(evaluate_mixture(test["representation"], test["coefficients"], labels, k,
-                                               max_iter, seed, device=_local_device(device)))
+        result.metrics.update(evaluate_mixture(normalized, test["coefficients"], labels, k, max_iter, seed,
+                                               device=_local_device(device)))
     if "probabilities" in test:
         result.metrics.update(head_metrics(test["probabilities"], labels))
     if train is not None:
@@ -98,7 +98,7 @@ def evaluate_features(
         result.figures["accuracy_vs_inertia.png"] = accuracy_vs_inertia_figure(norm.inertias, norm.accuracies,
                                                                                norm.best)
         result.figures["confusion.png"] = confusion_figure(*hungarian_match(labels, norm.labels), num_classes)
-        result.figures["tsne.png"] = tsne_figure(variants["kmeans_norm"], labels, seed=seed)
+        result.figures["tsne.png"] = tsne_figure(normalized, labels, seed=seed)
         if "probabilities" in test:
             result.figures["cluster_sizes.png"] = cluster_sizes_figure(
                 relative_cluster_sizes(test["probabilities"].argmax(1), test["probabilities"].shape[1]))
@@ -149,9 +149,9 @@ def evaluate_checkpoint(
     train, _ = _features_for_split(method, meta, cfg, "train", features_dir, local, progress)
     ev = cfg.eval
     result = evaluate_features(test, k or meta.num_classes, n_init=n_init or ev.kmeans_n_init,
-                               max_iter=ev.kmeans_max_iter, seed=cfg.seed if seed is None else seed, tasks=tasks, device=device, train=train,
-                               pixels=test_images if ev.raw_pixels_baseline else None, plots=plots,
-                               progress=progress)
+                               max_iter=ev.kmeans_max_iter, seed=cfg.seed if seed is None else seed, tasks=tasks,
+                               device=device, train=train, pixels=test_images if ev.raw_pixels_baseline else None,
+                               plots=plots, progress=progress)
     result.feature_files = {s: features_dir / f"{s}.parquet" for s in ("test", "train")}
     return result
 

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from clusterlab.config import ConfigError, parse_yaml
 from clusterlab.eval.plots import heatmap_figure
-from clusterlab.platform.tracking import ROLE_TAG
+from clusterlab.platform.tracking import ROLE_TAG, find_sweep_parent
 from clusterlab.search_space import LAMBDA_ALIASES
 
 
@@ -60,8 +60,7 @@ def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: st
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in this tracking store")
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", max_results=1)
-    parent_id = parents[0].info.run_id if parents else None
+    parent_id = find_sweep_parent(client, exp.experiment_id, experiment)
     runs = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
             if r.data.tags.get(ROLE_TAG) != "parent"]
     if not runs:

@@ -83,12 +83,6 @@ def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     tracking.end_run(client, run_id, "FINISHED")
 
 
-def _find_parent(client: tracking.MlflowClient, experiment_id: str, name: str) -> str | None:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent' and "
-                                                             f"tags.`{SWEEP_TAG}` = '{name}'", max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
 def _child_runs(client: tracking.MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
     return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                               max_results=10000)
@@ -170,7 +164,7 @@ def run_sweep(
     client = tracking.client_for(base_cfg)
     tracking_uri = tracking.resolve_tracking_uri(base_cfg.tracking.uri)
     experiment_id = tracking.experiment_id(client, name)
-    parent = _find_parent(client, experiment_id, name)
+    parent = tracking.find_sweep_parent(client, experiment_id, name)
     tune_dir = storage_dir(base_cfg) / name
     init_from = base_cfg.init_from
     if init_from:

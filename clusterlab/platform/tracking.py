@@ -62,6 +62,13 @@ def find_run(client: MlflowClient, exp_id: str, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def find_sweep_parent(client: MlflowClient, exp_id: str, sweep: str) -> str | None:
+    """The parent run of the sweep named ``sweep`` (experiment = sweep name), if it exists."""
+    query = f"tags.`{ROLE_TAG}` = 'parent' and tags.`{SWEEP_TAG}` = '{sweep}'"
+    runs = client.search_runs([exp_id], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
               extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """Create the run for ``run_name`` or reopen the one a previous attempt created.

@@ -24,9 +24,9 @@ from clusterlab.data.augment import BatchAugment, Normalize
 from clusterlab.models import build_backbone, macro_blocks
 from clusterlab.trainers.base import Method, register
 from clusterlab.trainers.lsdc_losses import (
+    Composition,
     consistency_loss,
     mixup,
-    no_composition,
     pairwise_adjacency,
     pairwise_bce_loss,
     rampup_weight,
@@ -72,19 +72,20 @@ class LSDC(Method):
         h = self.backbone(x)
         return {"representation": h, "probabilities": torch.softmax(self.head(h).float(), dim=1)}
 
-    def _compose(self, images: torch.Tensor):
+    def _compose(self, images: torch.Tensor) -> Composition | None:
+        """The composite batch, or None without composition (then Eq. 5 pairs p with p')."""
         opts = self.cfg.lsdc
         if opts.composition == "ricap":
             return ricap(images, opts.composition_beta)
         if opts.composition == "mixup":
             return mixup(images, opts.composition_beta)
-        return no_composition(images)
+        return None
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         opts = self.cfg.lsdc
         clean, augmented = views
         n = clean.shape[0]
-        composite = self._compose(augmented) if opts.composition != "none" else None
+        composite = self._compose(augmented)
         inputs = [clean, augmented] + ([composite.images] if composite is not None else [])
         features = self.backbone(torch.cat(inputs))
         logits = self.head(features).float()

@@ -151,7 +151,3 @@ def mixup(images: torch.Tensor, beta: float = 0.3) -> Composition:
     weights = torch.stack([torch.full((n,), lam, device=images.device), torch.full((n,), 1.0 - lam, device=images.device)])
     return Composition(mixed, torch.stack([identity, perm]), weights)
 
-
-def no_composition(images: torch.Tensor) -> Composition:
-    n = images.shape[0]
-    return Composition(images, torch.arange(n, device=images.device)[None], torch.ones(1, n, device=images.device))
