@@ -361,10 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """argparse, except that key=value overrides may also follow the options
+    (``sweep space.yaml --address auto epochs=2``): argparse alone takes positionals only
+    in one run and rejects the late ones as unrecognized."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from clusterlab.data.datasets import DatasetNotFoundError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # MLflow's per-download progress bars would interleave with clusterlab's own progress.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:

@@ -91,3 +91,16 @@ def test_every_preset_is_valid():
     for name, raw in PRESETS.items():
         overrides = [] if raw["data"]["name"] == "digits" else ["data.root=/data"]
         load_config(None, overrides, preset=name)
+
+
+def test_overrides_may_follow_the_options():
+    """`ray job submit ... -- clusterlab sweep space.yaml --address auto epochs=2` must not be
+    refused for putting an override last; anything else unknown still is (exit 2)."""
+    from clusterlab.cli import parse_args
+
+    args = parse_args(["sweep", "space.yaml", "epochs=3", "--address", "auto", "storage_path=/mnt/shared/r"])
+    assert args.space == "space.yaml" and args.address == "auto"
+    assert args.overrides == ["epochs=3", "storage_path=/mnt/shared/r"]
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["sweep", "space.yaml", "--address", "auto", "--no-such-flag"])
+    assert exc.value.code == 2
