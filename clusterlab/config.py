@@ -169,7 +169,11 @@ class ExcbConfig(StrictModel):
     balance_above: Literal["linear", "inverse"] = Field(
         "linear", description="B for s > 1/K: linear to -1 at s = 1 (Sec. 2) or (1+z)/(sK) - 1 (Algorithm 1)")
     boost_argmax: bool = Field(False, description="released-code option: keep the raw arg-max similarity")
-    s_from: Literal["raw", "balanced"] = Field("raw", description="update s from assignments before / after B")
+    s_from: Literal["raw", "balanced"] = Field(
+        "balanced", description="update s from the teacher's assignments after B (released code) or before it")
+    centroid_init: Literal["kmeans", "random"] = Field(
+        "kmeans", description="centroids from K-means on the initial projections (released code) or N(0, 1)")
+    centroid_init_samples: int = Field(50_000, ge=2, description="training images the K-means initialisation uses")
 
 
 class EvalConfig(StrictModel):
@@ -403,12 +407,13 @@ PRESETS.update({
     "excb_stl10": _excb("stl10", "train+unlabeled", 5e-4, 6),
     # Digits on 2 CPU cores: 16 px, small CNN, 2 global + 2 local (8 px) views.
     "excb_digits": deep_merge(_excb("digits", "train+test", 2e-3, 2), {
-        "data": {"image_size": 16, "val_fraction": 0.1}, "model": {"backbone": "small_cnn"},
-        "augment": {"hflip_p": 0.0}, "optim": {"warmup_epochs": 2}, "batch_size": 128, "epochs": 30,
-        # Measured (10 epochs, K = 30, in-process): size momentum 0.99 and teacher momentum
-        # 0.996 leave the teacher near its initialisation after ~110 steps (90% empty clusters);
-        # 0.9 / 0.99 keep 30% of clusters in use, against 1 cluster (97% empty) without B.
-        "excb": {"global_scale": (0.4, 1.0), "local_scale": (0.2, 0.5), "projector_dim": 64,
+        "data": {"image_size": 16, "val_fraction": 0.1}, "model": {"backbone": "small_cnn", "cnn_width": 16},
+        "augment": {"hflip_p": 0.0}, "optim": {"warmup_epochs": 2}, "batch_size": 128, "epochs": 40,
+        # Measured in-process (width 16, K = 30, 40 epochs): 3% of clusters empty at inference,
+        # largest relative size 2.9, head ACC 0.54 (many-to-one Hungarian), against 47% empty
+        # without B. K = 10: head ACC 0.46. About 12 steps per epoch, so the teacher and s
+        # follow faster than ImageNet's 0.996 / 0.999 would let them.
+        "excb": {"num_clusters": 30, "global_scale": (0.4, 1.0), "local_scale": (0.2, 0.5), "projector_dim": 64,
                  "teacher_momentum": 0.99, "size_momentum": 0.9},
         "eval": {"kmeans_n_init": 20}}),
 })

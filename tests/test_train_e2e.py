@@ -142,3 +142,26 @@ def test_rotnet_then_lsdc_through_ray(ray_local, tracking_uri, tmp_path):
     # The ramp-up (T = 30 epochs) is logged as the mean weight of each epoch's steps: increasing.
     weights = [m.value for m in client.get_metric_history(run.info.run_id, "rampup_weight")]
     assert weights[0] < weights[1] < 5.0
+
+
+def test_excb_with_two_workers_through_ray(ray_local, tracking_uri, tmp_path):
+    """ExCB through Ray Train with two DDP workers (gloo): s is all-reduced, so both ranks
+    balance alike; the cluster-size readings (supplementary Fig. 1) land in MLflow."""
+    name = f"excb-{uuid.uuid4().hex[:8]}"
+    assert cli.main(["train", "--preset", "excb_digits", "epochs=2", "optim.warmup_epochs=1", "model.cnn_width=8",
+                     "excb.num_clusters=20",
+                     "resources.num_workers=2", "eval.kmeans_n_init=2", "eval.raw_pixels_baseline=false",
+                     f"storage_path={tmp_path / 'ray'}", "tracking.experiment=excb", "--run-name", name]) == 0
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("excb").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["resources.num_workers"] == "2"
+    for key in ("train_loss_projector", "train_loss_predictor", "teacher_momentum", "empty_clusters",
+                "largest_cluster", "val_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    momenta = [m.value for m in client.get_metric_history(run.info.run_id, "teacher_momentum")]
+    assert 0.99 <= momenta[0] < momenta[1] < 1.0  # cosine schedule from excb.teacher_momentum towards 1
+    for key in ("head_acc", "head_nmi", "head_empty_clusters", "kmeans_norm_acc"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
+    assert run.data.metrics["head_largest_relative_size"] >= 1.0  # relative size N_c K / N: at least 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/cluster_sizes.png" in artifacts

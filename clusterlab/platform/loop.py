@@ -14,6 +14,7 @@ import logging
 import math
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.datasets import build_splits
+from clusterlab.eval.kmeans import batched_kmeans
 from clusterlab.trainers import Method, build_method
 from clusterlab.trainers.checkpoint import DataMeta, load_backbone, read_checkpoint, save_checkpoint
 from clusterlab.trainers.optim import build_optimizer, build_scheduler
@@ -131,6 +133,11 @@ def _mean_over_workers(values: dict[str, torch.Tensor], world: int) -> dict[str,
     return dict(zip(names, stacked.tolist()))
 
 
+def _kmeans_centroids(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """K-means++ seeded, a few restarts: a starting point for a method's centroids, not an evaluation."""
+    return torch.from_numpy(batched_kmeans(x, k, n_init=3, seed=seed, device=x.device).centroids)
+
+
 def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
     """Train ``cfg.method`` for ``cfg.epochs`` epochs, resuming from the session's checkpoint."""
     device = session.device
@@ -164,8 +171,10 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epochs_done"]
-    elif cfg.init_from:
-        load_backbone(method, read_checkpoint(cfg.init_from))
+    else:
+        if cfg.init_from:
+            load_backbone(method, read_checkpoint(cfg.init_from))
+        method.initialise(train_images, partial(_kmeans_centroids, seed=cfg.seed))
     model = session.prepare_model(method)  # after loading weights: DDP broadcasts rank 0's
     torch.manual_seed(cfg.seed * 7919 + rank * 31 + start_epoch)  # resumed runs draw fresh augmentations
 

@@ -64,6 +64,12 @@ class Method(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called by the training loop after every optimiser step (ExCB's EMA teacher update)."""
 
+    def initialise(self, images: torch.Tensor, cluster: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """Called once before the first epoch of a new run (after ``init_from``, not on resume),
+        on every rank with the same uint8 training images (N, 3, H, W) on the device.
+        ``cluster(x, k)`` returns K-means centroids (k, D) of x (N, D). Most methods ignore it;
+        ExCB seeds its centroids from it."""
+
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """uint8 (N, 3, H, W) batch on the device -> the method's normalised float views."""
         raise NotImplementedError

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clusterlab.config import ExperimentConfig
@@ -80,6 +82,30 @@ class ExCB(Method):
         m = self.teacher_momentum()
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t.mul_(m).add_(s.detach(), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def initialise(self, images: torch.Tensor, cluster: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """Seeds the student's and teacher's centroids with K-means on the initial projections
+        h_s(f_s(x)) of up to ``excb.centroid_init_samples`` training images (``centroid_init =
+        kmeans``, as the released code's ``init_centroids``). From random centroids nearly every
+        projection of an untrained network lies nearest one or two of them: the teacher starts
+        collapsed, and on small datasets the EMA teacher never leaves that state (measured on
+        digits; see the excb_digits preset)."""
+        opts = self.cfg.excb
+        if opts.centroid_init != "kmeans":
+            return
+        n = min(len(images), opts.centroid_init_samples)
+        if n < self.num_clusters:
+            raise ValueError(f"excb.num_clusters ({self.num_clusters}) is larger than the {n} images "
+                             "available for the K-means centroid initialisation")
+        pick = torch.randperm(len(images), device=images.device)[:n]
+        normalise = self.global_views.normalize
+        # Batch statistics as in training (BatchNorm in training mode), in training-sized chunks.
+        projections = torch.cat([F.normalize(self.student.projector(self.student.backbone(normalise(chunk))), dim=1)
+                                 for chunk in images[pick].split(self.cfg.batch_size)])
+        centroids = cluster(projections.float(), self.num_clusters).to(self.student.centroids)
+        self.student.centroids.copy_(centroids)
+        self.teacher.centroids.copy_(centroids)
 
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         opts = self.cfg.excb

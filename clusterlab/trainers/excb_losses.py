@@ -12,9 +12,12 @@ Choices where the supplementary is silent or inconsistent (each an option of ``E
 - z^B is clamped to [-1, 1] (a no-op for cosine similarities; guards rounding).
 - The released code's boost of the arg-max entry is off by default (``boost_argmax``): the
   supplementary does not describe it.
-- s is updated from the teacher's assignments before balancing (``s_from = raw``, Algorithm 1:
-  ``batch_labels = z_t.argmax``); ``balanced`` uses the assignments after B, as the released
-  code does.
+- s is updated from the teacher's assignments after B (``s_from = balanced``, as the released
+  code does); ``raw`` uses the assignments before B (Algorithm 1's ``batch_labels =
+  z_t.argmax``). Measured on digits (K = 30, 40 epochs): with ``raw`` an empty cluster's s stays
+  near 0, so B lifts its similarity to 1 for every sample alike, the targets lose their
+  information and the teacher collapses into one cluster (93% empty); with ``balanced`` the
+  clusters B fills count as filled, and 3% stay empty (47% without B).
 """
 
 from __future__ import annotations
