@@ -195,6 +195,20 @@ class ResourcesConfig(StrictModel):
     gpus_per_worker: float = Field(0.0, ge=0.0)
     cpus_per_worker: float = Field(1.0, gt=0.0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each worker needs, e.g. {worker_node: 1} to place "
+        "workers on nodes started with `ray start --resources '{\"worker_node\": 1}'`")
+
+    @field_validator("custom_resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(v))
+        if builtin:
+            raise ValueError(f"{', '.join(builtin)}: use cpus_per_worker / gpus_per_worker for built-in resources")
+        negative = sorted(k for k, amount in v.items() if amount <= 0)
+        if negative:
+            raise ValueError(f"amounts must be > 0 ({', '.join(negative)})")
+        return v
 
     @property
     def use_gpu(self) -> bool:

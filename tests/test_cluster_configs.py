@@ -423,7 +423,8 @@ def test_compose_mlflow_command_is_valid_for_the_installed_mlflow():
     argv = command_argv(service)
     assert argv[:2] == ["mlflow", "server"], f"mlflow service command: {argv}"
     params = server.make_context("server", argv[2:]).params  # unknown flags / bad values raise here
-    assert params["backend_store_uri"].startswith("postgresql://"), "the backend store must be the PostgreSQL service"
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the image does not install.
+    assert params["backend_store_uri"].startswith("postgresql+psycopg2://"), "the backend store must be the PostgreSQL service"
     assert "@postgres:" in params["backend_store_uri"]
     assert params["serve_artifacts"] and params["artifacts_destination"].startswith("s3://"), (
         "artifacts must be proxied by the server to the S3 store")

@@ -25,7 +25,7 @@ import ray
 from tqdm.auto import tqdm
 
 from clusterlab.config import ConfigError
-from clusterlab.platform import tracking
+from clusterlab.platform import cluster, tracking
 from clusterlab.platform.evaluate import EvalResult, evaluate_checkpoint
 from clusterlab.platform.tracking import ROLE_TAG
 
@@ -97,6 +97,7 @@ def reevaluate_experiment(
 ) -> list[ReevalOutcome]:
     """Re-evaluate every finished run with a checkpoint in ``experiment`` (matching
     ``filter_string``, MLflow search syntax) as parallel Ray tasks."""
+    cluster.check_cluster(None, tracking_uri)  # tasks on other nodes log to the store too
     client = tracking.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clusterlab.config import ConfigError, ExperimentConfig
-from clusterlab.platform import tracking
+from clusterlab.config import ConfigError, ExperimentConfig, build_config
+from clusterlab.platform import cluster, tracking
 from clusterlab.platform.train import (
     check_cluster_resources,
     init_ray,
@@ -28,6 +28,7 @@ from clusterlab.platform.train import (
     resolve_init_from,
     run_trainer,
     storage_dir,
+    storage_uri,
 )
 from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, trial_config
@@ -100,13 +101,18 @@ def _settle_trials(client: tracking.MlflowClient, experiment_id: str, parent_run
         if run is None:
             continue
         checkpoint = (result.metrics or {}).get("checkpoint_path")
+        run_name = run.data.tags[tracking.RUN_NAME_TAG]
+        local = None
+        if result.error is None and checkpoint:  # a local path, or a path on the storage URI's filesystem
+            base_cfg = build_config(base, "sweep base")
+            local = cluster.fetch_checkpoint(storage_uri(base_cfg), checkpoint, storage_dir(base_cfg) / run_name)
         if result.error is not None:
             record_failure(client, run.info.run_id, result.error)
             tracking.end_run(client, run.info.run_id, "FAILED")
-        elif checkpoint and Path(checkpoint).exists():
+        elif local is not None:
             cfg = trial_config(base, dict(result.config.get("params", {})), "stopped trial").model_copy(
-                update={"run_name": run.data.tags[tracking.RUN_NAME_TAG]})
-            record_and_evaluate(client, cfg, run.info.run_id, Path(checkpoint), progress=False)
+                update={"run_name": run_name})
+            record_and_evaluate(client, cfg, run.info.run_id, local, progress=False)
             epochs_done = int(result.metrics.get("epoch", 0))
             if epochs_done < cfg.epochs:
                 client.set_tag(run.info.run_id, "clusterlab.stopped_early_at_epoch", str(epochs_done))
@@ -158,14 +164,14 @@ def run_sweep(
     space, base, text = load_search_space(space_path, overrides or [])
     name = name or space.name or Path(space_path).stem
     base.setdefault("tracking", {})["experiment"] = name
-    base["storage_path"] = str(storage_dir(ExperimentConfig.model_validate(base)))  # absolute: trials run elsewhere
+    base["storage_path"] = storage_uri(ExperimentConfig.model_validate(base))  # absolute: trials run elsewhere
     base_cfg = ExperimentConfig.model_validate(base)
     preflight(base_cfg)
     client = tracking.client_for(base_cfg)
     tracking_uri = tracking.resolve_tracking_uri(base_cfg.tracking.uri)
     experiment_id = tracking.experiment_id(client, name)
     parent = tracking.find_sweep_parent(client, experiment_id, name)
-    tune_dir = storage_dir(base_cfg) / name
+    tune_dir = cluster.join(storage_uri(base_cfg), name)
     init_from = base_cfg.init_from
     if init_from:
         base["init_from"] = str(resolve_init_from(client, base_cfg, storage_dir(base_cfg)))
@@ -174,15 +180,18 @@ def run_sweep(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if resume:
-        if parent is None or not ray.tune.Tuner.can_restore(str(tune_dir)):
+        if parent is None or not ray.tune.Tuner.can_restore(tune_dir):
             raise ConfigError(f"--resume: no interrupted sweep named {name!r} (MLflow experiment {name!r}, Tune "
                               f"directory {tune_dir}); drop --resume to start it")
-    elif parent is not None or tune_dir.exists():
+    elif parent is not None or cluster.exists(tune_dir):
         raise ConfigError(f"--name: a sweep named {name!r} already exists (MLflow experiment {name!r} / {tune_dir}); "
                           "its results are kept: pass --resume to continue it, or --name to start a new one")
 
     init_ray(address)
     check_cluster_resources(base_cfg)
+    nodes = cluster.check_cluster(storage_uri(base_cfg), tracking_uri)
+    if init_from:
+        base["init_from"] = cluster.share_init_from(storage_uri(base_cfg), Path(base["init_from"]), nodes)
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             SWEEP_TAG: name, ROLE_TAG: "parent", "method": base_cfg.method, "dataset": base_cfg.data.name,
@@ -201,14 +210,14 @@ def run_sweep(
     status = "FAILED"
     try:
         if resume:
-            tuner = ray.tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+            tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
         else:
             tuner = ray.tune.Tuner(trainable, param_space={"params": {k: _tune_domain(d) for k, d in space.search.items()}},
                                    tune_config=_tune_config(space, base_cfg.method, BasicVariantGenerator,
                                                             max_concurrent_trials(space, base_cfg,
                                                                                   ray.cluster_resources())),
-                                   run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_dir(base_cfg))))
+                                   run_config=ray.tune.RunConfig(name=name, storage_path=storage_uri(base_cfg)))
         results = tuner.fit()
         if len(results) < space.trial_count() or results.num_terminated + results.num_errors < len(results):
             # Tune caught Ctrl+C / SIGINT, stopped the trials and saved its state (trials of a

@@ -24,6 +24,8 @@ SWEEP_TAG = "clusterlab.sweep"
 ROLE_TAG = "clusterlab.role"  # "parent" on a sweep's parent run
 TRIAL_TAG = "clusterlab.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests runs carrying this tag under the parent in its UI
+NODE_TAG = "clusterlab.node_id"  # Ray node id of the rank-0 training worker (its latest start)
+NODE_IP_TAG = "clusterlab.node_ip"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -22,7 +23,7 @@ import torch
 
 from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
-from clusterlab.platform import tracking
+from clusterlab.platform import cluster, tracking
 from clusterlab.platform.loop import NonFiniteLossError, fit
 from clusterlab.trainers.checkpoint import read_checkpoint
 
@@ -51,6 +52,12 @@ class RaySession:
         torch.set_num_threads(max(1, int(cpus_per_worker)))
         self._run_id = run_id
         self._client = tracking.MlflowClient(tracking_uri) if self.world_rank == 0 else None
+        if self._client is not None:  # where the run trains (a restarted worker group may move)
+            import ray
+
+            tracking.log_final(self._client, run_id, {}, tags={
+                tracking.NODE_TAG: ray.get_runtime_context().get_node_id(),
+                tracking.NODE_IP_TAG: ray.util.get_node_ip_address()})
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -80,6 +87,9 @@ class RaySession:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: rebuild the validated config and run the plain loop."""
     cfg = build_config(loop_config["config"], source="train_loop_config")
+    if cfg.init_from and cluster.is_uri(cfg.init_from):  # published under a storage URI by the driver
+        local = cluster.download(cfg.init_from, Path(tempfile.mkdtemp(prefix="clusterlab-init-from-")))
+        cfg = cfg.model_copy(update={"init_from": str(local)})
     fit(cfg, RaySession(loop_config["run_id"], loop_config["tracking_uri"], cfg.resources.cpus_per_worker))
 
 
@@ -107,15 +117,21 @@ def preflight(cfg: ExperimentConfig) -> dict[str, int]:
 
 
 def resolve_init_from(client: tracking.MlflowClient, cfg: ExperimentConfig, storage: Path) -> Path:
-    """Turn ``init_from`` (a checkpoint path or an MLflow run id) into a checked local path.
+    """Turn ``init_from`` (a checkpoint path or URI, or an MLflow run id) into a checked local path.
 
-    A run's ``checkpoint`` artifact is downloaded under the run's storage directory, which
-    every worker can read. The checkpoint must load and have this run's backbone, or the run
-    is refused before training starts.
+    A run's ``checkpoint`` artifact, or a checkpoint under a URI, is downloaded under ``storage``
+    (the local storage directory, see :func:`storage_dir`); :func:`cluster.share_init_from`
+    then puts it where every worker can read it. The checkpoint must load and have this run's
+    backbone, or the run is refused before training starts.
     """
     value = str(cfg.init_from)
     path = Path(value).expanduser()
-    if not path.exists():
+    if cluster.is_uri(value):
+        try:
+            path = cluster.download(value, storage / "init_from" / hashlib.sha1(value.encode()).hexdigest()[:12])
+        except (OSError, ValueError) as exc:  # pyarrow raises OSError subclasses, ValueError for bad URIs
+            raise ConfigError(f"init_from: cannot read {value} ({exc})") from None
+    elif not path.exists():
         if not re.fullmatch(r"[0-9a-f]{32}", value):
             raise ConfigError(f"init_from: {value!r} is neither an existing checkpoint path nor an MLflow run id")
         target = storage / "init_from" / value
@@ -169,10 +185,24 @@ def check_cluster_resources(cfg: ExperimentConfig) -> None:
             f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPU need {need_cpu} CPUs but the Ray "
             f"cluster has {available.get('CPU', 0)}; lower resources.num_workers or resources.cpus_per_worker"
         )
+    for name, amount in res.custom_resources.items():
+        if res.num_workers * amount > available.get(name, 0):
+            raise ConfigError(
+                f"resources.custom_resources: {res.num_workers} workers x {amount} {name!r} need "
+                f"{res.num_workers * amount} but the Ray cluster has {available.get(name, 0)} (nodes offer custom "
+                f"resources with `ray start --resources '{{\"{name}\": N}}'`)"
+            )
+
+
+def storage_uri(cfg: ExperimentConfig) -> str:
+    """``storage_path`` for Ray: a filesystem URI untouched, a local path made absolute."""
+    return cluster.storage_location(cfg.storage_path)
 
 
 def storage_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.storage_path or "ray_results").absolute()
+    """The local directory for the driver's files (features, downloads, heatmaps): the storage
+    directory itself, or a local cache when ``storage_path`` is a URI."""
+    return cluster.local_dir(storage_uri(cfg))
 
 
 def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri: str,
@@ -185,7 +215,8 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
     from ray.train.torch import TorchTrainer
 
     res = cfg.resources
-    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {}),
+                 **res.custom_resources}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri},
@@ -193,7 +224,7 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage_dir(cfg)),
+            storage_path=storage_uri(cfg),
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train's INFO lines (two per report) would bury the per-epoch progress line.
@@ -207,7 +238,12 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
         raise RuntimeError(f"training run {run_name!r} failed: {exc}") from exc
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name!r} produced no checkpoint")
-    return Path(result.checkpoint.path), dict(result.metrics or {})
+    if not cluster.is_uri(storage_uri(cfg)):
+        return Path(result.checkpoint.path), dict(result.metrics or {})
+    # Stored under a URI: evaluation and MLflow read a local copy, in the checkpoint's own name.
+    local = storage_dir(cfg) / run_name / Path(result.checkpoint.path).name
+    result.checkpoint.to_directory(str(local))
+    return local, dict(result.metrics or {})
 
 
 def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
@@ -225,6 +261,9 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     init_ray(address)
     check_cluster_resources(cfg)
+    nodes = cluster.check_cluster(storage_uri(cfg), tracking_uri)
+    if cfg.init_from:
+        cfg = cfg.model_copy(update={"init_from": cluster.share_init_from(storage_uri(cfg), Path(cfg.init_from), nodes)})
     try:
         run_id, resumed = tracking.start_run(client, cfg, run_name, extra_tags=lineage)
     except ValueError as exc:
