@@ -22,8 +22,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/augment_throughput.py
+	$(BIN)/python bench/augment.py
 	$(BIN)/python bench/kmeans.py
+	$(BIN)/python bench/train_throughput.py --batch-size 32 --steps 2 --warmup 1 --sizes 32 \
+		--levers fp32 bf16 channels_last fused no-aug
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns ray_results

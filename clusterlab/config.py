@@ -215,6 +215,23 @@ class ResourcesConfig(StrictModel):
         return self.gpus_per_worker > 0
 
 
+class PerformanceConfig(StrictModel):
+    """Training-step fast paths. Each switch: true, false, or null = auto (on for CUDA devices,
+    off on CPUs, where bf16 matmuls and channels_last convolutions are usually slower)."""
+
+    bf16: bool | None = Field(None, description="bf16 autocast of the model's forward; null = on CUDA only")
+    channels_last: bool | None = Field(None, description="channels_last model weights and views; null = on CUDA only")
+    fused_optimizer: bool | None = Field(
+        None, description="single-kernel Adam / SGD (CUDA, and CPU in recent torch); null = on CUDA only")
+    compile: bool = Field(False, description="torch.compile the model (the first steps pay the compilation)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+
+    def enabled(self, name: Literal["bf16", "channels_last", "fused_optimizer"], device_type: str) -> bool:
+        """Whether switch ``name`` is on for this device type (``cuda``, ``cpu``)."""
+        value = getattr(self, name)
+        return device_type == "cuda" if value is None else value
+
+
 class ExperimentConfig(StrictModel):
     method: str = "simclr"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -228,6 +245,7 @@ class ExperimentConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     batch_size: int = Field(512, ge=2, description="global batch size, split across workers")
     epochs: int = Field(100, ge=1)
     seed: int = 0

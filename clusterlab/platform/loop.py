@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from clusterlab.config import ExperimentConfig
+from clusterlab.config import ExperimentConfig, PerformanceConfig
 from clusterlab.data.datasets import build_splits
 from clusterlab.eval.kmeans import batched_kmeans
 from clusterlab.trainers import Method, build_method
@@ -90,24 +90,28 @@ def _shard_indices(n: int, batch_size: int, epoch: int, seed: int, rank: int, wo
     return perm[:, rank]
 
 
-def _autocast(device: torch.device) -> Any:
-    # bf16 autocast on GPUs; on CPUs bf16 matmuls are slower than fp32 on most cores.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, perf: PerformanceConfig | None = None) -> Any:
+    # bf16 autocast on GPUs by default; on CPUs bf16 matmuls are slower than fp32 on most cores.
+    enabled = (perf or PerformanceConfig()).enabled("bf16", device.type)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, batches: torch.Tensor,
                device: torch.device, optimizer: torch.optim.Optimizer | None, scheduler: Any,
-               epoch: int = 0) -> dict[str, torch.Tensor]:
+               epoch: int = 0, perf: PerformanceConfig | None = None) -> dict[str, torch.Tensor]:
     """One pass over ``batches``; returns per-step means of the total loss (``loss``), each
-    term (``loss_<term>``) and each stat, still on the device (no host sync)."""
+    term (``loss_<term>``) and each stat, still on the device (no host sync). ``perf`` picks
+    the fast paths (bf16 autocast, channels_last views); None = their ``auto`` defaults."""
+    perf = perf or PerformanceConfig()
+    channels_last = perf.enabled("channels_last", device.type)
     sums: dict[str, torch.Tensor] = {}
     for i, idx in enumerate(batches):
         if optimizer is not None:
             method.set_progress(epoch + i / len(batches))
         views = method.make_views(images[idx.to(device, non_blocking=True)])
-        if device.type == "cuda":
+        if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        with _autocast(device):
+        with _autocast(device, perf):
             out = model(views)
         total = method.total_loss(out["terms"])
         if optimizer is not None:
@@ -157,9 +161,10 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
     method = method.to(device)  # before the optimiser: fused Adam needs its params on the GPU
-    if device.type == "cuda":
+    perf = cfg.performance
+    if perf.enabled("channels_last", device.type):
         method = method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, method.parameters(), fused=device.type == "cuda")
+    optimizer = build_optimizer(cfg.optim, method.parameters(), fused=perf.enabled("fused_optimizer", device.type))
     steps_per_epoch = len(splits.train) // cfg.batch_size
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, steps_per_epoch)
 
@@ -176,6 +181,8 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
             load_backbone(method, read_checkpoint(cfg.init_from))
         method.initialise(train_images, partial(_kmeans_centroids, seed=cfg.seed))
     model = session.prepare_model(method)  # after loading weights: DDP broadcasts rank 0's
+    if perf.compile:  # the step's model part only: augmentation and the optimiser stay eager
+        model = torch.compile(model, mode=None if perf.compile_mode == "default" else perf.compile_mode)
     torch.manual_seed(cfg.seed * 7919 + rank * 31 + start_epoch)  # resumed runs draw fresh augmentations
 
     # Validation loss (supplementary 1.3: it guides model selection) on fixed batches, so that
@@ -189,7 +196,7 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         batches = _shard_indices(len(splits.train), cfg.batch_size, epoch, cfg.seed, rank, world)
         lr = optimizer.param_groups[0]["lr"]
         train = _mean_over_workers(_run_epoch(method, model, train_images, batches, device, optimizer, scheduler,
-                                              epoch), world)
+                                              epoch, perf), world)
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = {"epoch": float(epoch + 1), "lr": lr, "epoch_seconds": seconds,
                                      "images_per_second": len(batches) * cfg.batch_size / seconds}
@@ -197,7 +204,7 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         if val_batches is not None:
             model.eval()
             with torch.no_grad():
-                val = _run_epoch(method, model, val_images, val_batches, device, None, None)
+                val = _run_epoch(method, model, val_images, val_batches, device, None, None, perf=perf)
             metrics["val_loss"] = _mean_over_workers({"loss": val["loss"]}, world)["loss"]
 
         if not all(math.isfinite(v) for v in metrics.values()):
