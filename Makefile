@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/augment.py
 	$(BIN)/python bench/kmeans.py
+	$(BIN)/python bench/sweep_packing.py
 	$(BIN)/python bench/train_throughput.py --batch-size 32 --steps 2 --warmup 1 --sizes 32 \
 		--levers fp32 bf16 channels_last fused no-aug
 

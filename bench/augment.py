@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from record import add_rows  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
 from clusterlab.config import AugmentConfig  # noqa: E402
 from clusterlab.data.augment import BatchAugment, default_blur_kernel  # noqa: E402
 
@@ -116,15 +117,12 @@ def main() -> None:
           f"per image -> {batched * bytes_per_image / 1e9:.2f} GB/s achieved")
 
     if not args.no_record:
-        out = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
         pil = ", ".join(f"PIL {w} workers {r:,.0f} img/s" for w, r in per_image.items())
         row = (f"| {date.today()} | augment | {hardware} | torch {torch.__version__}, torchvision "
                f"{torchvision.__version__} | {args.size} px, batch {args.batch}, floor ~{bytes_per_image / 1e3:.0f} kB "
                f"per image | batched ({device.type}) {batched:,.0f} img/s ({batched * bytes_per_image / 1e9:.2f} GB/s); "
                f"{pil}; ratio {batched / best_pil:.1f}x | `python bench/augment.py {' '.join(sys.argv[1:])}` |\n")
-        with out.open("a") as f:
-            f.write(row)
-        print(f"appended to {out}")
+        print(f"added to {add_rows([row])}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from record import add_rows  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
 from clusterlab.eval.kmeans import batched_kmeans  # noqa: E402
 
 
@@ -82,16 +83,15 @@ def main() -> None:
         rows.append((setting, results))
 
     if not args.no_record:
-        out = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-        with out.open("a") as f:
-            for setting, results in rows:
-                t_sk, i_sk = results[0][1], results[0][2]
-                summary = "; ".join(f"{name} {s:.2f} s ({t_sk / s:.2f}x, inertia {i / i_sk - 1:+.3%})"
-                                    for name, s, i in results)
-                f.write(f"| {date.today()} | kmeans | {hardware} | torch {torch.__version__}, scikit-learn "
-                        f"{sklearn.__version__} | {setting} (NxDxK), n_init {args.n_init} | {summary} | "
-                        f"`python bench/kmeans.py {' '.join(sys.argv[1:])}` |\n")
-        print(f"appended to {out}")
+        table = []
+        for setting, results in rows:
+            t_sk, i_sk = results[0][1], results[0][2]
+            summary = "; ".join(f"{name} {s:.2f} s ({t_sk / s:.2f}x, inertia {i / i_sk - 1:+.3%})"
+                                for name, s, i in results)
+            table.append(f"| {date.today()} | kmeans | {hardware} | torch {torch.__version__}, scikit-learn "
+                         f"{sklearn.__version__} | {setting} (NxDxK), n_init {args.n_init} | {summary} | "
+                         f"`python bench/kmeans.py {' '.join(sys.argv[1:])}` |")
+        print(f"added to {add_rows(table)}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from record import add_rows  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
 from clusterlab.config import ExperimentConfig, PerformanceConfig  # noqa: E402
 from clusterlab.platform.loop import _mean_over_workers, _run_epoch, _shard_indices  # noqa: E402
 from clusterlab.trainers import build_method  # noqa: E402
@@ -180,13 +181,11 @@ def main() -> None:
         rows.append(f"{size}px augmentation alone {aug:,.0f} images/s ({ratio:.1f}x the step)")
 
     if not args.no_record:
-        out = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
         setting = (f"ResNet-18, batch {args.batch_size}, {args.steps} steps, floor 3x{'/'.join(f'{FWD_GFLOPS[s]}' for s in args.sizes)}"
                    f" GFLOPs per view, bf16 peak {f'{peak:g} TFLOP/s' if peak else 'n/a'}")
-        with out.open("a") as f:
-            f.write(f"| {date.today()} | train_throughput | {hardware} | torch {torch.__version__} | {setting} | "
-                    f"{'; '.join(rows)} | `python bench/train_throughput.py {' '.join(sys.argv[1:])}` |\n")
-        print(f"appended to {out}")
+        print("added to " + str(add_rows([
+            f"| {date.today()} | train_throughput | {hardware} | torch {torch.__version__} | {setting} | "
+            f"{'; '.join(rows)} | `python bench/train_throughput.py {' '.join(sys.argv[1:])}` |"])))
 
 
 if __name__ == "__main__":
