@@ -172,6 +172,15 @@ def test_kmeans_centroid_init_needs_k_images():
         _excb("excb.num_clusters=40").train().initialise(_digits_uint8(30), _kmeans)
 
 
+def test_too_many_clusters_for_the_kmeans_init_are_refused_before_training():
+    from clusterlab.config import ConfigError
+    from clusterlab.platform.train import preflight
+
+    with pytest.raises(ConfigError, match="excb.num_clusters: .* at least K = 2000"):
+        preflight(load_config(None, ["excb.num_clusters=2000"], preset="excb_digits"))
+    preflight(load_config(None, ["excb.num_clusters=2000", "excb.centroid_init=random"], preset="excb_digits"))
+
+
 def test_relative_cluster_sizes():
     assert relative_cluster_sizes(np.array([0, 0, 1, 1]), 4).tolist() == [2.0, 2.0, 0.0, 0.0]
 

@@ -90,19 +90,18 @@ def _shard_indices(n: int, batch_size: int, epoch: int, seed: int, rank: int, wo
     return perm[:, rank]
 
 
-def _autocast(device: torch.device, perf: PerformanceConfig | None = None) -> Any:
-    # bf16 autocast on GPUs by default; on CPUs bf16 matmuls are slower than fp32 on most cores.
-    enabled = (perf or PerformanceConfig()).enabled("bf16", device.type)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def _autocast(device: torch.device, perf: PerformanceConfig) -> Any:
+    # bf16 autocast on GPUs by default; on CPUs it pays only on cores with bf16 units (1.9x on
+    # the project's 2-core machine, BENCHMARKS.md), so there it is opt-in.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=perf.enabled("bf16", device.type))
 
 
 def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, batches: torch.Tensor,
                device: torch.device, optimizer: torch.optim.Optimizer | None, scheduler: Any,
-               epoch: int = 0, perf: PerformanceConfig | None = None) -> dict[str, torch.Tensor]:
+               epoch: int, perf: PerformanceConfig) -> dict[str, torch.Tensor]:
     """One pass over ``batches``; returns per-step means of the total loss (``loss``), each
     term (``loss_<term>``) and each stat, still on the device (no host sync). ``perf`` picks
-    the fast paths (bf16 autocast, channels_last views); None = their ``auto`` defaults."""
-    perf = perf or PerformanceConfig()
+    the fast paths (bf16 autocast, channels_last views)."""
     channels_last = perf.enabled("channels_last", device.type)
     sums: dict[str, torch.Tensor] = {}
     for i, idx in enumerate(batches):
@@ -204,7 +203,7 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         if val_batches is not None:
             model.eval()
             with torch.no_grad():
-                val = _run_epoch(method, model, val_images, val_batches, device, None, None, perf=perf)
+                val = _run_epoch(method, model, val_images, val_batches, device, None, None, epoch, perf)
             metrics["val_loss"] = _mean_over_workers({"loss": val["loss"]}, world)["loss"]
 
         if not all(math.isfinite(v) for v in metrics.values()):

@@ -96,6 +96,7 @@ def _settle_trials(client: tracking.MlflowClient, experiment_id: str, parent_run
     evaluation, so its last checkpoint is evaluated here and the run ends FINISHED."""
     open_runs = {r.data.tags.get(TRIAL_TAG): r for r in _child_runs(client, experiment_id, parent_run_id)
                  if r.info.status == "RUNNING"}
+    base_cfg = build_config(base, "sweep base")
     for result in results:
         run = open_runs.get((result.metrics or {}).get("trial_id") or _trial_id(result.path))
         if run is None:
@@ -104,7 +105,6 @@ def _settle_trials(client: tracking.MlflowClient, experiment_id: str, parent_run
         run_name = run.data.tags[tracking.RUN_NAME_TAG]
         local = None
         if result.error is None and checkpoint:  # a local path, or a path on the storage URI's filesystem
-            base_cfg = build_config(base, "sweep base")
             local = cluster.fetch_checkpoint(storage_uri(base_cfg), checkpoint, storage_dir(base_cfg) / run_name)
         if result.error is not None:
             record_failure(client, run.info.run_id, result.error)

@@ -113,6 +113,13 @@ def preflight(cfg: ExperimentConfig) -> dict[str, int]:
         )
     if sizes["num_classes"] > sizes["test"]:
         raise ConfigError(f"data: {sizes['num_classes']} clusters cannot be formed from {sizes['test']} test images")
+    excb = cfg.excb
+    if cfg.method == "excb" and excb.centroid_init == "kmeans":  # ExCB.initialise, refused before training
+        k, n = excb.num_clusters or sizes["num_classes"], min(sizes["train"], excb.centroid_init_samples)
+        if k > n:
+            raise ConfigError(f"excb.num_clusters: K-means centroid initialisation needs at least K = {k} images but "
+                              f"has {n} (training set {sizes['train']}, excb.centroid_init_samples "
+                              f"{excb.centroid_init_samples}); lower excb.num_clusters or set excb.centroid_init=random")
     return sizes
 
 
