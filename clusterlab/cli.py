@@ -135,12 +135,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from clusterlab.platform.evaluate import evaluate_checkpoint, evaluate_features
     from clusterlab.platform.reeval import evaluate_run
     from clusterlab.platform.train import init_ray
+    from clusterlab.trainers.checkpoint import read_checkpoint
 
     options = _eval_options(args)
     try:
         if args.features:
             test = read_features(args.features)
             train = read_features(args.train_features) if args.train_features else None
+            if args.k is not None and args.k > len(test["label"]):
+                raise ConfigError(f"--k: {args.k} clusters cannot be formed from the {len(test['label'])} samples "
+                                  f"of {args.features}; use --k <= {len(test['label'])}")
             init_ray(args.address)
             result = evaluate_features(test, args.k, n_init=args.n_init, seed=args.seed, tasks=args.tasks,
                                        device=args.device, train=train, plots=options.plots)
@@ -150,6 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             result = evaluate_run(client, args.run_id, options, device=args.device, tasks=args.tasks, progress=True)
         else:
             checkpoint = Path(args.checkpoint)
+            read_checkpoint(checkpoint)  # a missing or unreadable checkpoint is refused before Ray starts
             features_dir = Path(args.features_dir) if args.features_dir else checkpoint.parent / "features" / checkpoint.name
             init_ray(args.address)
             result = evaluate_checkpoint(checkpoint, features_dir, n_init=args.n_init, k=args.k, tasks=args.tasks,
@@ -179,6 +184,8 @@ def cmd_reeval(args: argparse.Namespace) -> int:
 
     options = _eval_options(args)
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if tracking.MlflowClient(uri).get_experiment_by_name(args.experiment) is None:
+        raise ConfigError(f"--experiment: no MLflow experiment named {args.experiment!r} in {uri}")
     init_ray(args.address)
     outcomes = reevaluate_experiment(uri, args.experiment, options, args.filter, device=args.device)
     print(f"\n{'run':<44}{'status':<22}{'ACC':>7}{'NMI':>7}{'ARI':>7}   (K-means, normalised; eval/{options.version})")
@@ -226,6 +233,25 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
     out = draw_heatmap(client, args.experiment, args.x, args.y, args.facet, args.metric, args.out)
     print(f"heatmap written to {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """``runs reconcile``: close the RUNNING runs whose process died."""
+    from clusterlab.platform import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    client = tracking.MlflowClient(uri)
+    for name in args.experiment or []:
+        if client.get_experiment_by_name(name) is None:
+            raise ConfigError(f"--experiment: no MLflow experiment named {name!r} in {uri}")
+    outcomes = tracking.reconcile(client, args.experiment, dry_run=args.dry_run)
+    for o in outcomes:
+        print(f"{o.experiment[:24]:<25}{o.run_name[:40]:<41}{o.run_id}  "
+              + (f"would be {o.action}" if args.dry_run and o.action == "marked FAILED" else o.action))
+    failed = sum(o.action == "marked FAILED" for o in outcomes)
+    print(f"{len(outcomes)} RUNNING runs: {failed} {'would be ' if args.dry_run else ''}marked FAILED "
+          f"(their process died), {len(outcomes) - failed} left as they are")
     return 0
 
 
@@ -344,6 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_config)
 
+    p = sub.add_parser("runs", help="maintain the tracking store: `runs reconcile` closes runs whose process died",
+                       description="`reconcile` finds RUNNING runs whose owning process (host, pid and start time, "
+                                   "tagged clusterlab.owner) is gone, and marks them FAILED with a failure_reason. "
+                                   "Runs owned by a process on another host are listed and left alone. "
+                                   "`clusterlab sweep --resume` does the same for its sweep before it continues.")
+    p.add_argument("action", choices=["reconcile"])
+    p.add_argument("--experiment", action="append", help="only this MLflow experiment (repeatable; default: all)")
+    p.add_argument("--dry-run", action="store_true", help="list what would change, change nothing")
+    p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
+    p.set_defaults(func=cmd_runs)
+
     p = sub.add_parser("ui", help="start the MLflow UI on the configured tracking store",
                        description="Runs `mlflow ui` against the tracking URI clusterlab logs to.")
     p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
@@ -390,6 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clusterlab: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from clusterlab.platform.train import TrainingFailed
+
+        if not isinstance(exc, TrainingFailed):
+            raise
+        print(f"clusterlab: error: {exc}", file=sys.stderr)  # already recorded as the run's failure_reason
+        return 1
 
 
 if __name__ == "__main__":

@@ -194,7 +194,8 @@ class ResourcesConfig(StrictModel):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     gpus_per_worker: float = Field(0.0, ge=0.0)
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+    max_failures: int = Field(0, ge=-1, description="restarts of a failed training run from its last checkpoint (a worker or node lost; never "
+        "for a NaN loss or out of memory, which would fail again); -1: unlimited")
     custom_resources: dict[str, float] = Field(
         default_factory=dict, description="Ray custom resources each worker needs, e.g. {worker_node: 1} to place "
         "workers on nodes started with `ray start --resources '{\"worker_node\": 1}'`")

@@ -38,7 +38,7 @@ def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, caps
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoint"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {
-        "checkpoint/checkpoint.pt", "checkpoint/config.yaml"}
+        "checkpoint/checkpoint.pt", "checkpoint/config.yaml", "checkpoint/history.json"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
         "plots/accuracy_vs_inertia.png", "plots/confusion.png", "plots/tsne.png"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "features")] == ["features/test.parquet"]

@@ -26,15 +26,37 @@ from clusterlab.config import ExperimentConfig, PerformanceConfig
 from clusterlab.data.datasets import build_splits
 from clusterlab.eval.kmeans import batched_kmeans
 from clusterlab.trainers import Method, build_method
-from clusterlab.trainers.checkpoint import DataMeta, load_backbone, read_checkpoint, save_checkpoint
+from clusterlab.trainers.checkpoint import DataMeta, load_backbone, read_checkpoint, read_history, save_checkpoint
 from clusterlab.trainers.optim import build_optimizer, build_scheduler
 
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or Inf; retrying with the same settings would fail again."""
+class PermanentTrainingError(RuntimeError):
+    """A failure that retrying with the same settings would repeat: the platform never
+    restarts a run for it (``resources.max_failures`` is for faults such as a lost worker)."""
+
+    reason = "permanent failure"
+
+
+class NonFiniteLossError(PermanentTrainingError):
+    """A loss became NaN or Inf."""
+
+    reason = "non-finite loss"
+
+
+class TrainingOutOfMemoryError(PermanentTrainingError):
+    """The device (CUDA) or host ran out of memory; the message names the settings to change."""
+
+    reason = "out of memory"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # torch raises OutOfMemoryError for CUDA; a failed host allocation is a plain RuntimeError
+    # ("DefaultCPUAllocator: can't allocate memory"), numpy's a MemoryError.
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 class TrainSession(Protocol):
@@ -142,7 +164,26 @@ def _kmeans_centroids(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
-    """Train ``cfg.method`` for ``cfg.epochs`` epochs, resuming from the session's checkpoint."""
+    """Train ``cfg.method`` for ``cfg.epochs`` epochs, resuming from the session's checkpoint.
+
+    Raises :class:`NonFiniteLossError` or :class:`TrainingOutOfMemoryError`, which the
+    platform does not retry; any other error may be retried from the latest checkpoint.
+    """
+    try:
+        _fit(cfg, session)
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        res = cfg.resources
+        where = "GPU" if session.device.type == "cuda" else "host"
+        raise TrainingOutOfMemoryError(
+            f"out of {where} memory ({str(exc).splitlines()[0][:300]}); lower batch_size (now {cfg.batch_size}) or "
+            f"the model (model.backbone={cfg.model.backbone}, model.cnn_width={cfg.model.cnn_width}), or run on "
+            f"workers with more memory (resources.gpus_per_worker={res.gpus_per_worker}, "
+            f"resources.num_workers={res.num_workers} to split the batch)") from None
+
+
+def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
     device = session.device
     rank, world = session.world_rank, session.world_size
     torch.manual_seed(cfg.seed + rank)  # augmentation differs per rank; init is synced by DDP
@@ -168,6 +209,7 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
     scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, steps_per_epoch)
 
     start_epoch = 0
+    history: list[dict[str, float]] = []  # every epoch's metrics so far, carried in each checkpoint
     resume_dir = session.latest_checkpoint()
     if resume_dir is not None:
         state = read_checkpoint(resume_dir)
@@ -175,6 +217,7 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epochs_done"]
+        history = read_history(resume_dir)
     else:
         if cfg.init_from:
             load_backbone(method, read_checkpoint(cfg.init_from))
@@ -208,12 +251,14 @@ def fit(cfg: ExperimentConfig, session: TrainSession) -> None:
 
         if not all(math.isfinite(v) for v in metrics.values()):
             bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-            raise NonFiniteLossError(f"non-finite {bad} at epoch {epoch + 1}; lower optim.lr or check the data")
+            raise NonFiniteLossError(f"non-finite {bad} at epoch {epoch + 1}; lower optim.lr or the loss weights "
+                                     "(loss.weights.*), or check the data")
 
+        history.append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, method=method, optimizer=optimizer, scheduler=scheduler,
-                                epochs_done=epoch + 1, meta=meta)
+                                epochs_done=epoch + 1, meta=meta, history=history)
                 session.report(metrics, Path(tmp))
             # A logger, not print: Ray Train tees print() to two streams in its workers.
             log.info("epoch %d/%d  %s", epoch + 1, cfg.epochs,

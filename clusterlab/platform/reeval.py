@@ -54,9 +54,13 @@ class ReevalOutcome:
 
 def log_versioned(client: tracking.MlflowClient, run_id: str, result: EvalResult, options: EvalOptions) -> None:
     """Metrics as ``eval/<version>/<name>``, plots under ``eval/<version>/plots/``, then the
-    tag that marks the run as done for this version (last, so a crash re-does the run)."""
+    tag that marks the run as done for this version (last, so a crash re-does the run).
+    Metrics an interrupted attempt already logged are not logged again: the evaluation is
+    seeded, so they hold the same values, and a second point would duplicate them."""
     prefix = f"eval/{options.version}"
-    tracking.log_final(client, run_id, {f"{prefix}/{k}": v for k, v in result.metrics.items()})
+    logged = client.get_run(run_id).data.metrics
+    tracking.log_final(client, run_id, {f"{prefix}/{k}": v for k, v in result.metrics.items()
+                                        if f"{prefix}/{k}" not in logged})
     for name, figure in result.figures.items():
         client.log_figure(run_id, figure, f"{prefix}/plots/{name}")
     client.set_tag(run_id, EVAL_TAG_PREFIX + options.version,

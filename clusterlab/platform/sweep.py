@@ -19,8 +19,11 @@ from typing import Any
 
 from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.platform import cluster, tracking
+from clusterlab.platform.loop import NonFiniteLossError, TrainingOutOfMemoryError
 from clusterlab.platform.train import (
+    TrainingFailed,
     check_cluster_resources,
+    dataset_need,
     init_ray,
     preflight,
     record_and_evaluate,
@@ -33,6 +36,9 @@ from clusterlab.platform.train import (
 from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, trial_config
 from clusterlab.trainers import METHODS
+
+# failure_reason categories that a retry with the same settings would repeat.
+PERMANENT_FAILURES = {NonFiniteLossError.reason, TrainingOutOfMemoryError.reason}
 
 
 @dataclass(frozen=True)
@@ -67,15 +73,26 @@ def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = trial_config(sweep["base"], config["params"], f"trial {trial_id}").model_copy(update={"run_name": run_name})
     client = tracking.MlflowClient(sweep["tracking_uri"])
     previous = tracking.find_run(client, sweep["experiment_id"], run_name)
-    if previous and client.get_run(previous).info.status == "FINISHED":
-        # Finished in MLflow before the sweep was interrupted: report it again, never re-run it.
-        ray.tune.report(dict(client.get_run(previous).data.metrics))
-        return
+    if previous:
+        run = client.get_run(previous)
+        if run.info.status == "FINISHED":
+            # Finished in MLflow before the sweep was interrupted: report it again, never re-run it.
+            ray.tune.report(dict(run.data.metrics))
+            return
+        reason = run.data.tags.get(tracking.FAILURE_TAG, "")
+        if run.info.status == "FAILED" and reason.split(":")[0] in PERMANENT_FAILURES:
+            # A resumed sweep does not repeat a failure that the same settings would repeat.
+            raise TrainingFailed(reason.split(":")[0], f"not retried: {reason}", permanent=True)
     run_id, _ = tracking.start_run(client, cfg, run_name, extra_tags={
         PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["name"], TRIAL_TAG: trial_id,
         **({"init_from": sweep["init_from"]} if sweep.get("init_from") else {})})
-    checkpoint_dir, last_epoch = run_trainer(cfg, run_id, run_name, sweep["tracking_uri"],
-                                             callbacks=[TuneReportCallback()])
+    try:
+        checkpoint_dir, last_epoch = run_trainer(cfg, run_id, run_name, sweep["tracking_uri"],
+                                                 callbacks=[TuneReportCallback()], tracking_client=client)
+    except TrainingFailed as exc:  # the trial errors in Tune; its run says why
+        record_failure(client, run_id, exc)
+        tracking.end_run(client, run_id, "FAILED")
+        raise
     metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, progress=False)
     ray.tune.report({**last_epoch, **metrics})
     # Only a clean finish ends the run here. A trial that fails, or that the scheduler stops
@@ -106,7 +123,7 @@ def _settle_trials(client: tracking.MlflowClient, experiment_id: str, parent_run
         local = None
         if result.error is None and checkpoint:  # a local path, or a path on the storage URI's filesystem
             local = cluster.fetch_checkpoint(storage_uri(base_cfg), checkpoint, storage_dir(base_cfg) / run_name)
-        if result.error is not None:
+        if result.error is not None:  # the trial died before its driver could say why
             record_failure(client, run.info.run_id, result.error)
             tracking.end_run(client, run.info.run_id, "FAILED")
         elif local is not None:
@@ -189,20 +206,24 @@ def run_sweep(
 
     init_ray(address)
     check_cluster_resources(base_cfg)
-    nodes = cluster.check_cluster(storage_uri(base_cfg), tracking_uri)
+    nodes = cluster.check_cluster(storage_uri(base_cfg), tracking_uri, dataset=dataset_need(base_cfg))
     if init_from:
         base["init_from"] = cluster.share_init_from(storage_uri(base_cfg), Path(base["init_from"]), nodes)
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             SWEEP_TAG: name, ROLE_TAG: "parent", "method": base_cfg.method, "dataset": base_cfg.data.name,
-            "git_commit": tracking.git_commit(), **({"init_from": init_from} if init_from else {})}).info.run_id
+            "git_commit": tracking.git_commit(), tracking.OWNER_TAG: tracking.owner(),
+            **({"init_from": init_from} if init_from else {})}).info.run_id
         client.log_text(parent, text, "search_space.yaml")
         client.log_text(parent, base_cfg.to_yaml(), "base_config.yaml")
         client.log_param(parent, "trials", space.trial_count())
     else:
-        client.update_run(parent, status="RUNNING")
-        print(f"resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their checkpoints",
-              flush=True)
+        # Runs the interrupted sweep left RUNNING (its driver killed) are closed first, so
+        # the store never shows a dead trial as running; the trials reopen them as they resume.
+        died = [r for r in tracking.reconcile(client, [name]) if r.action == "marked FAILED"]
+        tracking.claim_run(client, parent)
+        print(f"resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their checkpoints"
+              + (f" ({len(died)} runs whose process had died marked FAILED)" if died else ""), flush=True)
 
     sweep = {"name": name, "base": base, "experiment_id": experiment_id, "parent_run_id": parent,
              "tracking_uri": tracking_uri, "init_from": init_from}

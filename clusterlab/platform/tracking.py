@@ -1,19 +1,29 @@
 """MLflow glue: where runs go, how a run is created or resumed, what it records.
 
 The driver creates (or, for a resumed run name, finds) the run before training starts and is
-the only process that ends it. Training workers add per-epoch metrics to it with
-``step = epoch`` through :func:`log_epoch`.
+the only process that ends it; it tags the run with its owner (host, pid, process start
+time) so that :func:`reconcile` can tell a run whose process died from one still at work.
+Training workers add per-epoch metrics to it with ``step = epoch`` through an
+:class:`EpochLogger`, which buffers them while the tracking store is unreachable and logs
+each step at most once.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
+import socket
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import psutil
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clusterlab.config import ExperimentConfig, flatten
@@ -26,6 +36,10 @@ TRIAL_TAG = "clusterlab.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests runs carrying this tag under the parent in its UI
 NODE_TAG = "clusterlab.node_id"  # Ray node id of the rank-0 training worker (its latest start)
 NODE_IP_TAG = "clusterlab.node_ip"
+OWNER_TAG = "clusterlab.owner"  # "<host>/<pid>/<process start time>" of the process that ends the run
+FAILURE_TAG = "failure_reason"
+
+log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -96,7 +110,7 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
                 f"run name {run_name!r} exists with a different config {changed} (logged, new); "
                 "choose another run_name to start a new run"
             )
-        client.update_run(existing, status="RUNNING")
+        claim_run(client, existing)
         return existing, True
     tags = {
         RUN_NAME_TAG: run_name,
@@ -104,6 +118,7 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
         "dataset": cfg.data.name,
         "protocol": cfg.data.protocol,
         "git_commit": git_commit(),
+        OWNER_TAG: owner(),
         **(extra_tags or {}),
     }
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
@@ -115,10 +130,172 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
     return run_id, False
 
 
-def log_epoch(client: MlflowClient, run_id: str, metrics: dict[str, float], epoch: int) -> None:
-    """Per-epoch metrics with ``step = epoch`` (1-based: step k = after k epochs)."""
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"])
+def owner() -> str:
+    """This process, as recorded in :data:`OWNER_TAG`: the start time tells a reused pid apart."""
+    return f"{socket.gethostname()}/{os.getpid()}/{psutil.Process().create_time():.2f}"
+
+
+def claim_run(client: MlflowClient, run_id: str) -> None:
+    """Mark ``run_id`` RUNNING and owned by this process (a resumed run changes hands)."""
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, OWNER_TAG, owner())
+
+
+# MLflow error codes that no retry can fix; anything else (connection refused, HTTP 5xx,
+# "database is locked") is taken as transient.
+_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
+                    "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_ALREADY_EXISTS"}
+
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
+
+
+def _is_transient(exc: Exception) -> bool:
+    return not (isinstance(exc, MlflowException) and exc.error_code in _PERMANENT_CODES)
+
+
+class TrackingUnavailableError(RuntimeError):
+    """Metrics could not be delivered to the tracking store in time."""
+
+
+class EpochLogger:
+    """Per-epoch metrics of one run with ``step = epoch``, sent by a background thread.
+
+    Training never waits on the tracking store: a batch that fails with a transient error
+    (server down, "database is locked") stays queued and is retried with backoff until it
+    lands, in order; steps queued meanwhile go out together, up to MLflow's 1,000 metrics
+    per request. Each step is logged at most once: steps the run already has (read once,
+    from ``step_key``'s history, when the logger starts) are skipped, and a retried batch
+    carries its original timestamps, which MLflow's stores deduplicate.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, step_key: str, max_backoff_s: float = 30.0) -> None:
+        self._client, self._run_id, self._max_backoff_s = client, run_id, max_backoff_s
+        self._logged = {m.step for m in client.get_metric_history(run_id, step_key)}
+        self._queue: queue.Queue[tuple[int, list[Metric]] | None] = queue.Queue()
+        self._error: Exception | None = None
+        self._carried: tuple[int, list[Metric]] | None = None  # the step that did not fit the last batch
+        self._thread = threading.Thread(target=self._send_all, name=f"mlflow-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    @property
+    def logged_steps(self) -> set[int]:
+        return set(self._logged)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue one step's metrics (the ``epoch`` entry itself is the step, not a metric)."""
+        if self._error is not None:
+            raise self._error
+        now = int(time.time() * 1000)
+        self._queue.put((step, [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]))
+
+    def close(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for every queued step to land; raise if some did not."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._error is not None:
+            raise self._error
+        if self._thread.is_alive():
+            raise TrackingUnavailableError(
+                f"{self._queue.qsize()} epochs of metrics for MLflow run {self._run_id} were not accepted by the "
+                f"tracking store within {timeout_s:.0f} s; they are kept in the checkpoint's history.json and "
+                "logged when the run resumes")
+
+    def _next_batch(self, carried: tuple[int, list[Metric]] | None) -> tuple[list[tuple[int, list[Metric]]], bool]:
+        """Queued steps not yet logged, as many as fit one ``log_batch`` (a backlog after an
+        outage drains in a few requests); and whether the queue was closed."""
+        batch, size, closed = [], 0, False
+        item = carried if carried is not None else self._queue.get()
+        while True:
+            if item is None:
+                closed = True
+                break
+            if item[0] not in self._logged and item[1] and all(item[0] != step for step, _ in batch):
+                if batch and size + len(item[1]) > MAX_METRICS_PER_BATCH:
+                    self._carried = item
+                    break
+                batch.append(item)
+                size += len(item[1])
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+        return batch, closed
+
+    def _send_all(self) -> None:
+        closed = False
+        while not closed:
+            carried, self._carried = self._carried, None
+            batch, closed = self._next_batch(carried)
+            if not batch:
+                continue
+            metrics = [metric for _, step_metrics in batch for metric in step_metrics]
+            delay, warned = 1.0, False
+            while True:
+                try:
+                    self._client.log_batch(self._run_id, metrics=metrics)
+                    break
+                except Exception as exc:  # the store's errors have no common base class
+                    if not _is_transient(exc):
+                        self._error = exc
+                        return
+                    if not warned:
+                        log.warning("tracking store unreachable (%s); epochs %d-%d stay queued and are retried",
+                                    str(exc).splitlines()[0][:200], batch[0][0], batch[-1][0])
+                        warned = True
+                    time.sleep(delay)
+                    delay = min(2 * delay, self._max_backoff_s)
+            if warned:
+                log.warning("tracking store reachable again; epochs %d-%d logged", batch[0][0], batch[-1][0])
+            self._logged.update(step for step, _ in batch)
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    run_id: str
+    run_name: str
+    experiment: str
+    action: str  # "marked FAILED" or why the run was left as it is
+
+
+def _owner_alive(tag: str) -> bool | None:
+    """True / False for an owner on this host; None when it ran elsewhere (or is unknown)."""
+    try:
+        host, pid, started = tag.split("/")
+        if host != socket.gethostname():
+            return None
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
+    except psutil.NoSuchProcess:
+        return False
+    except (ValueError, psutil.Error):
+        return None
+
+
+def reconcile(client: MlflowClient, experiments: list[str] | None = None, dry_run: bool = False) -> list[Reconciled]:
+    """Close the RUNNING runs whose owning process died: they end FAILED with a
+    ``failure_reason``. Runs owned on another host are reported, not touched."""
+    exps = ([client.get_experiment_by_name(n) for n in experiments] if experiments
+            else client.search_experiments(max_results=10000))
+    outcomes = []
+    for exp in exps:
+        if exp is None:
+            continue
+        for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=10000):
+            tag = run.data.tags.get(OWNER_TAG, "")
+            name = run.data.tags.get(RUN_NAME_TAG, run.info.run_name or run.info.run_id)
+            alive = _owner_alive(tag)
+            if alive is None:
+                action = f"left RUNNING: owner {tag or 'unknown'} is not on this host ({socket.gethostname()})"
+            elif alive:
+                action = "left RUNNING: its process is alive"
+            else:
+                action = "marked FAILED"
+                if not dry_run:
+                    client.set_tag(run.info.run_id, FAILURE_TAG,
+                                   f"process died: owner {tag} is gone (clusterlab runs reconcile)")
+                    end_run(client, run.info.run_id, "FAILED")
+            outcomes.append(Reconciled(run.info.run_id, name, exp.name, action))
+    return outcomes
 
 
 def log_final(client: MlflowClient, run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:

@@ -7,11 +7,17 @@
 3. ``TorchTrainer`` runs :func:`clusterlab.platform.loop.fit` on N workers (gloo on CPU,
    NCCL on GPU); rank 0 logs each epoch to MLflow and hands Ray the epoch's checkpoint;
 4. the final checkpoint is evaluated and logged; the run ends FINISHED, FAILED or KILLED.
+
+Failures: a run whose workers fail (a worker killed, a node lost) is restarted from its latest
+checkpoint up to ``resources.max_failures`` times by calling Ray Train again under the same
+name; a :class:`~clusterlab.platform.loop.PermanentTrainingError` (NaN loss, out of memory)
+is never retried. Every failure leaves a ``failure_reason`` tag on the run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import tempfile
@@ -24,11 +30,24 @@ import torch
 from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
 from clusterlab.platform import cluster, tracking
-from clusterlab.platform.loop import NonFiniteLossError, fit
-from clusterlab.trainers.checkpoint import read_checkpoint
+from clusterlab.platform.loop import PermanentTrainingError, fit
+from clusterlab.trainers.checkpoint import read_checkpoint, read_history
+
+# How long a finished (or failing) worker waits for queued metrics to reach the tracking store.
+METRICS_FLUSH_TIMEOUT_S = 900.0
+ATTEMPTS_TAG = "clusterlab.train_attempts"
+RESUMED_TAG = "clusterlab.resumed_from_epoch"
 
 PROTOCOL_SPLITS = {"train": ("train", "test"), "train+test": ("train", "test"),
                    "train+unlabeled": ("train", "unlabeled", "test")}
+
+
+class TrainingFailed(RuntimeError):
+    """A training run that ended in error; ``reason`` is the failure_reason tag's category."""
+
+    def __init__(self, reason: str, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.reason, self.permanent = reason, permanent
 
 
 @dataclass(frozen=True)
@@ -52,12 +71,14 @@ class RaySession:
         torch.set_num_threads(max(1, int(cpus_per_worker)))
         self._run_id = run_id
         self._client = tracking.MlflowClient(tracking_uri) if self.world_rank == 0 else None
+        self._metrics: tracking.EpochLogger | None = None
         if self._client is not None:  # where the run trains (a restarted worker group may move)
             import ray
 
             tracking.log_final(self._client, run_id, {}, tags={
                 tracking.NODE_TAG: ray.get_runtime_context().get_node_id(),
                 tracking.NODE_IP_TAG: ray.util.get_node_ip_address()})
+            self._metrics = tracking.EpochLogger(self._client, run_id, step_key="lr")  # lr: logged every epoch
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -70,18 +91,28 @@ class RaySession:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        local = Path(tempfile.mkdtemp(prefix="clusterlab-resume-"))
-        return Path(ckpt.to_directory(str(local)))
+        local = Path(ckpt.to_directory(tempfile.mkdtemp(prefix="clusterlab-resume-")))
+        if self._metrics is not None:
+            # Epochs whose metrics died with the previous attempt (in its queue, or between
+            # the checkpoint and MLflow) are logged from the checkpoint's own history.
+            history = read_history(local)
+            for epoch_metrics in history:
+                self._metrics.log(int(epoch_metrics["epoch"]), epoch_metrics)
+            self._client.set_tag(self._run_id, RESUMED_TAG, str(len(history)))
+        return local
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        # Checkpoint first, MLflow second: a crash in between loses the epoch's metric rows
-        # rather than duplicating them after the resume.
         ray.train.report(metrics, checkpoint=checkpoint)
-        if self._client is not None:
-            tracking.log_epoch(self._client, self._run_id, metrics, int(metrics["epoch"]))
+        if self._metrics is not None:
+            self._metrics.log(int(metrics["epoch"]), metrics)
+
+    def close(self, timeout_s: float) -> None:
+        """Deliver the queued metrics (training ends only when MLflow has every epoch)."""
+        if self._metrics is not None:
+            self._metrics.close(timeout_s)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -90,7 +121,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.init_from and cluster.is_uri(cfg.init_from):  # published under a storage URI by the driver
         local = cluster.download(cfg.init_from, Path(tempfile.mkdtemp(prefix="clusterlab-init-from-")))
         cfg = cfg.model_copy(update={"init_from": str(local)})
-    fit(cfg, RaySession(loop_config["run_id"], loop_config["tracking_uri"], cfg.resources.cpus_per_worker))
+    session = RaySession(loop_config["run_id"], loop_config["tracking_uri"], cfg.resources.cpus_per_worker)
+    try:
+        fit(cfg, session)
+    except BaseException:
+        try:  # keep what was measured, but never let the tracking store mask the training error
+            session.close(timeout_s=30.0)
+        except Exception:
+            pass
+        raise
+    session.close(METRICS_FLUSH_TIMEOUT_S)
+
+
+def dataset_need(cfg: ExperimentConfig) -> cluster.DatasetNeed:
+    """What every node of a cluster must hold for ``cfg`` (checked there by check_cluster)."""
+    return cfg.data.name, cfg.data.root, PROTOCOL_SPLITS[cfg.data.protocol]
 
 
 def preflight(cfg: ExperimentConfig) -> dict[str, int]:
@@ -212,11 +257,29 @@ def storage_dir(cfg: ExperimentConfig) -> Path:
     return cluster.local_dir(storage_uri(cfg))
 
 
+def classify_failure(exc: Exception, run_name: str) -> TrainingFailed:
+    """Ray Train's error -> :class:`TrainingFailed`: permanent when any worker raised a
+    :class:`PermanentTrainingError`, else retryable (a worker died, a node was lost)."""
+    import ray.train
+
+    causes = list(exc.worker_failures.values()) if isinstance(exc, ray.train.WorkerGroupError) else [exc]
+    for cause in causes:
+        if isinstance(cause, PermanentTrainingError):
+            return TrainingFailed(cause.reason, f"training run {run_name!r}: {cause}", permanent=True)
+    first = causes[0] if causes else exc
+    return TrainingFailed(type(first).__name__, f"training run {run_name!r} failed: {str(first)[:2000]}",
+                          permanent=False)
+
+
 def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri: str,
-                callbacks: list[Any] | None = None) -> tuple[Path, dict[str, float]]:
+                callbacks: list[Any] | None = None,
+                tracking_client: tracking.MlflowClient | None = None) -> tuple[Path, dict[str, float]]:
     """Fit the TorchTrainer -> (local directory of the final checkpoint, last epoch's metrics).
 
-    ``callbacks`` are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``).
+    A failed attempt is retried from the latest checkpoint up to ``resources.max_failures``
+    times unless it is permanent; the attempt count is tagged on the run. ``callbacks`` are
+    Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``). Raises
+    :class:`TrainingFailed`.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -224,27 +287,41 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
     res = cfg.resources
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {}),
                  **res.custom_resources}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage_uri(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # Ray Train's INFO lines (two per report) would bury the per-epoch progress line.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks,
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise RuntimeError(f"training run {run_name!r} failed: {exc}") from exc
+
+    def attempt() -> Any:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri},
+            scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=run_name,  # the same name again: Ray Train continues from the latest checkpoint
+                storage_path=storage_uri(cfg),
+                # Retries are decided here, not by Ray Train, which would also retry a NaN loss.
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                # Ray Train's INFO lines (two per report) would bury the per-epoch progress line.
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                callbacks=callbacks,
+            ),
+        )
+        return trainer.fit()
+
+    retries = float("inf") if res.max_failures == -1 else res.max_failures
+    for attempts in itertools.count(1):
+        if tracking_client is not None:
+            tracking_client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
+        try:
+            result = attempt()
+            break
+        except ray.train.TrainingFailedError as exc:
+            failure = classify_failure(exc, run_name)
+            if failure.permanent or attempts > retries:
+                raise failure from None
+            print(f"training run {run_name!r} failed ({failure}); restarting from its latest checkpoint "
+                  f"(retry {attempts} of resources.max_failures={res.max_failures})", flush=True)
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name!r} produced no checkpoint")
+        raise TrainingFailed("no checkpoint", f"training run {run_name!r} produced no checkpoint", permanent=True)
     if not cluster.is_uri(storage_uri(cfg)):
         return Path(result.checkpoint.path), dict(result.metrics or {})
     # Stored under a URI: evaluation and MLflow read a local copy, in the checkpoint's own name.
@@ -268,7 +345,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     init_ray(address)
     check_cluster_resources(cfg)
-    nodes = cluster.check_cluster(storage_uri(cfg), tracking_uri)
+    nodes = cluster.check_cluster(storage_uri(cfg), tracking_uri, dataset=dataset_need(cfg))
     if cfg.init_from:
         cfg = cfg.model_copy(update={"init_from": cluster.share_init_from(storage_uri(cfg), Path(cfg.init_from), nodes)})
     try:
@@ -279,7 +356,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         print(f"resuming run {run_name!r} (MLflow run {run_id}) from its latest checkpoint", flush=True)
     status = "FAILED"
     try:
-        checkpoint_dir, _ = run_trainer(cfg, run_id, run_name, tracking_uri)
+        checkpoint_dir, _ = run_trainer(cfg, run_id, run_name, tracking_uri, tracking_client=client)
         metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, evaluate, progress)
         status = "FINISHED"
         return TrainResult(run_id, run_name, checkpoint_dir, metrics)
@@ -309,5 +386,6 @@ def record_and_evaluate(client: tracking.MlflowClient, cfg: ExperimentConfig, ru
 
 
 def record_failure(client: tracking.MlflowClient, run_id: str, exc: BaseException) -> None:
-    reason = "non-finite loss" if isinstance(exc.__cause__, NonFiniteLossError) else type(exc).__name__
-    client.set_tag(run_id, "failure_reason", f"{reason}: {str(exc)[:4000]}")
+    """Tag ``failure_reason`` as ``<category>: <message>`` (category e.g. ``non-finite loss``)."""
+    reason = exc.reason if isinstance(exc, TrainingFailed) else type(exc).__name__
+    client.set_tag(run_id, tracking.FAILURE_TAG, f"{reason}: {str(exc)[:4000]}")

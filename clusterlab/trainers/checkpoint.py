@@ -1,16 +1,22 @@
-"""Training checkpoints: one ``checkpoint.pt`` (+ a readable ``config.yaml``) per directory.
+"""Training checkpoints: one ``checkpoint.pt`` (+ a readable ``config.yaml`` and the
+per-epoch metrics so far, ``history.json``) per directory.
 
 A checkpoint holds everything needed to resume training (model, optimiser, scheduler, the
 number of completed epochs) and to rebuild the model for evaluation without the dataset
-(the config and the data statistics the model was trained with).
+(the config and the data statistics the model was trained with). Its metric history lets a
+resumed run log the epochs whose metrics the tracking store never received.
+
+Every file is written under a temporary name and renamed into place, so a process killed
+while writing leaves the previous file whole.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +24,7 @@ from clusterlab.config import ExperimentConfig, build_config
 from clusterlab.trainers.base import Method, build_method
 
 CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.json"
 
 
 @dataclass(frozen=True)
@@ -30,9 +37,16 @@ class DataMeta:
     std: tuple[float, float, float]
 
 
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+
+
 def save_checkpoint(directory: str | Path, *, method: Method, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, epochs_done: int, meta: DataMeta) -> Path:
-    """Write the checkpoint atomically (temp file + rename), so a kill never leaves half a file."""
+                    scheduler: Any, epochs_done: int, meta: DataMeta,
+                    history: list[dict[str, float]] | None = None) -> Path:
+    """Write the checkpoint (and ``history``, the per-epoch metrics so far) atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -43,11 +57,16 @@ def save_checkpoint(directory: str | Path, *, method: Method, optimizer: torch.o
         "config": method.cfg.model_dump(mode="json"),
         "meta": meta.__dict__,
     }
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / CHECKPOINT_FILE)
-    (directory / "config.yaml").write_text(method.cfg.to_yaml())
+    _write_atomically(directory / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+    _write_atomically(directory / "config.yaml", lambda tmp: tmp.write_text(method.cfg.to_yaml()))
+    _write_atomically(directory / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history or [])))
     return directory / CHECKPOINT_FILE
+
+
+def read_history(directory: str | Path) -> list[dict[str, float]]:
+    """The per-epoch metrics saved with a checkpoint (empty for checkpoints that have none)."""
+    file = Path(directory) / HISTORY_FILE
+    return json.loads(file.read_text()) if file.is_file() else []
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
