@@ -13,7 +13,7 @@ from clusterlab.platform import cluster
 from clusterlab.platform.cluster import NodeReport, check_cluster
 
 
-def _no_probe(directory, url):
+def _no_probe(directory, url, dataset):
     raise AssertionError("no node should be probed here")
 
 
@@ -68,7 +68,7 @@ def test_multi_node_refuses_a_file_based_tracking_store_before_probing(uri):
 def test_multi_node_refuses_storage_a_node_does_not_share(tmp_path):
     calls = []
 
-    def probe(directory, url):
+    def probe(directory, url, dataset):
         calls.append((directory, url))
         return [NodeReport("a" * 56, "10.0.0.1"),
                 NodeReport("b" * 56, "10.0.0.2", storage_error="the file .clusterlab-shared-x is not there")]
@@ -83,19 +83,19 @@ def test_multi_node_refuses_storage_a_node_does_not_share(tmp_path):
 
 
 def test_shared_storage_passes_and_the_env_var_skips_the_storage_probe(tmp_path, monkeypatch):
-    ok = lambda directory, url: [NodeReport("a", "h1"), NodeReport("b", "h2")]  # noqa: E731
+    ok = lambda directory, url, dataset: [NodeReport("a", "h1"), NodeReport("b", "h2")]  # noqa: E731
     assert check_cluster(str(tmp_path), "http://mlflow:5000", probe=ok, node_count=2) == 2
     monkeypatch.setenv(cluster.SHARED_STORAGE_ENV, "1")
     seen = []
     check_cluster(str(tmp_path), "postgresql+psycopg2://u@db/mlflow",
-                  probe=lambda d, u: seen.append((d, u)) or [], node_count=2)
+                  probe=lambda d, u, data: seen.append((d, u)) or [], node_count=2)
     assert seen == []  # nothing left to probe: storage declared shared, tracking not HTTP
 
 
 def test_remote_storage_is_not_probed_but_the_tracking_server_must_answer_everywhere():
     seen = []
 
-    def probe(directory, url):
+    def probe(directory, url, dataset):
         seen.append((directory, url))
         return [NodeReport("a" * 56, "10.0.0.1"), NodeReport("b" * 56, "10.0.0.2", tracking_error="URLError: refused")]
 
@@ -107,15 +107,36 @@ def test_remote_storage_is_not_probed_but_the_tracking_server_must_answer_everyw
 
 def test_probe_task_body_sees_markers_and_servers(tmp_path):
     (tmp_path / "m").write_text("token")
-    assert cluster._probe_node(str(tmp_path), "m", "token", None) == (None, None)
+    assert cluster._probe_node(str(tmp_path), "m", "token", None) == (None, None, None)
     assert list(tmp_path.iterdir()) == [tmp_path / "m"]  # its own write test is cleaned up
     assert "another file" in cluster._probe_node(str(tmp_path), "m", "other", None)[0]
     assert "is not there" in cluster._probe_node(str(tmp_path / "elsewhere"), "m", "token", None)[0]
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    storage_error, tracking_error = cluster._probe_node(None, "m", "token", f"http://127.0.0.1:{port}")
+    storage_error, tracking_error, _ = cluster._probe_node(None, "m", "token", f"http://127.0.0.1:{port}")
     assert storage_error is None and tracking_error
+    # The dataset check names the missing path (here: CIFAR-10 under an empty root).
+    *_, data_error = cluster._probe_node(None, "m", "token", None, ("cifar10", str(tmp_path), ("train", "test")))
+    assert str(tmp_path / "cifar-10-batches-py") in data_error
+    assert cluster._probe_node(None, "m", "token", None, ("digits", None, ("train", "test")))[2] is None
+
+
+def test_a_dataset_missing_on_one_node_fails_once_naming_the_node(tmp_path):
+    calls = []
+
+    def probe(directory, url, dataset):
+        calls.append(dataset)
+        return [NodeReport("a" * 56, "10.0.0.1"),
+                NodeReport("b" * 56, "10.0.0.2", data_error=f"missing {tmp_path}/cifar-10-batches-py/data_batch_1")]
+
+    need = ("cifar10", str(tmp_path), ("train", "test"))
+    with pytest.raises(ConfigError) as exc:
+        check_cluster("s3://bucket/runs", "http://mlflow:5000", probe=probe, node_count=2, dataset=need)
+    message = str(exc.value)
+    assert message.startswith("data.root:") and "1 of 2 nodes" in message and "10.0.0.2" in message
+    assert "10.0.0.1" not in message and f"{tmp_path}/cifar-10-batches-py/data_batch_1" in message
+    assert calls == [need]  # one probe per node, once: no worker ever started
 
 
 def test_init_from_is_shared_where_workers_can_read_it(tmp_path):

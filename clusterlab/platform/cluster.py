@@ -17,6 +17,9 @@ run is created or any trial starts and refuses (``ConfigError``, exit code 2):
   cannot reach the file, and SQLite's file locking is not safe across hosts (network
   filesystems), so writes get lost. An ``http(s)://`` tracking server must answer from every
   node.
+- a dataset that some node lacks: every node reads ``data.root`` from its own filesystem, so
+  the same task checks the dataset's files there. The run fails once, here, naming the node
+  and the path, instead of failing its workers ``max_failures`` times on that node.
 
 A single-node cluster is not checked: its processes share the machine's filesystem, and
 SQLite's locks (MLflow waits up to 20 s for them) serialise concurrent trials there.
@@ -178,6 +181,11 @@ class NodeReport:
     address: str
     storage_error: str | None = None
     tracking_error: str | None = None
+    data_error: str | None = None
+
+
+# (dataset name, data.root, splits the run reads): what every node must hold.
+DatasetNeed = tuple[str, "str | None", tuple[str, ...]]
 
 
 def is_file_store(tracking_uri: str) -> bool:
@@ -221,14 +229,25 @@ def storage_problem(location: str, node_count: int, reports: Sequence[NodeReport
               f"if it is shared and the check is wrong, set {SHARED_STORAGE_ENV}=1.")
 
 
-def check_cluster(location: str | None, tracking_uri: str,
-                  probe: Callable[[Path | None, str | None], list[NodeReport]] | None = None,
-                  node_count: int | None = None) -> int:
-    """Refuse a storage location or tracking store that a multi-node cluster cannot use.
+def data_problem(dataset: DatasetNeed, node_count: int, reports: Sequence[NodeReport]) -> str | None:
+    """Why some nodes cannot train on ``dataset``, or None."""
+    missing = [r for r in reports if r.data_error]
+    if not missing:
+        return None
+    return (f"data.root: the dataset {dataset[0]!r} is missing on {len(missing)} of {node_count} nodes: "
+            + "; ".join(f"node {r.node_id[:12]} ({r.address}): {r.data_error}" for r in missing)
+            + ". Every node reads data.root from its own filesystem: copy the dataset to the same path on every "
+              "node (or bake it into the image), or put data.root on a mount that all nodes share.")
 
-    ``location`` None skips the storage check (jobs that store nothing). Returns the number of
-    alive nodes. ``probe`` / ``node_count`` default to the connected Ray cluster's (tests pass
-    their own).
+
+def check_cluster(location: str | None, tracking_uri: str,
+                  probe: Callable[[Path | None, str | None, DatasetNeed | None], list[NodeReport]] | None = None,
+                  node_count: int | None = None, dataset: DatasetNeed | None = None) -> int:
+    """Refuse a storage location, tracking store or dataset that a multi-node cluster cannot use.
+
+    ``location`` None skips the storage check (jobs that store nothing), ``dataset`` None the
+    data check. Returns the number of alive nodes. ``probe`` / ``node_count`` default to the
+    connected Ray cluster's (tests pass their own).
     """
     if node_count is None:
         node_count = len(alive_nodes())
@@ -241,9 +260,11 @@ def check_cluster(location: str | None, tracking_uri: str,
     if directory is not None and os.environ.get(SHARED_STORAGE_ENV, "").strip().lower() in ("1", "true", "yes"):
         directory = None
     url = tracking_uri if uri_scheme(tracking_uri) in ("http", "https") else None
-    reports = (probe or probe_nodes)(directory, url) if (directory is not None or url) else []
+    needed = directory is not None or url or dataset is not None
+    reports = (probe or probe_nodes)(directory, url, dataset) if needed else []
     problem = (storage_problem(location, node_count, reports) if directory is not None and location else None) \
-        or tracking_problem(tracking_uri, node_count, reports)
+        or tracking_problem(tracking_uri, node_count, reports) \
+        or (data_problem(dataset, node_count, reports) if dataset is not None else None)
     if problem:
         raise ConfigError(problem)
     return node_count
@@ -255,9 +276,11 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def _probe_node(directory: str | None, marker: str, token: str, tracking_url: str | None) -> tuple[str | None, str | None]:
-    """Runs on one node: is the driver's marker visible and the directory writable there, and
-    does the tracking server answer? Returns (storage problem, tracking problem)."""
+def _probe_node(directory: str | None, marker: str, token: str, tracking_url: str | None,
+                dataset: DatasetNeed | None = None) -> tuple[str | None, str | None, str | None]:
+    """Runs on one node: is the driver's marker visible and the directory writable there, does
+    the tracking server answer, are the dataset's files there? Returns (storage problem,
+    tracking problem, data problem)."""
     storage_error = None
     if directory is not None:
         path = Path(directory) / marker
@@ -282,10 +305,19 @@ def _probe_node(directory: str | None, marker: str, token: str, tracking_url: st
             pass  # the server answered (authentication, a proxy's status): it is reachable
         except (urllib.error.URLError, OSError) as exc:
             tracking_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-    return storage_error, tracking_error
+    data_error = None
+    if dataset is not None:
+        from clusterlab.data.datasets import DatasetNotFoundError, check_dataset
+
+        try:
+            check_dataset(*dataset)
+        except DatasetNotFoundError as exc:
+            data_error = str(exc)
+    return storage_error, tracking_error, data_error
 
 
-def probe_nodes(directory: Path | None, tracking_url: str | None, timeout_s: float = 120.0) -> list[NodeReport]:
+def probe_nodes(directory: Path | None, tracking_url: str | None, dataset: DatasetNeed | None = None,
+                timeout_s: float = 120.0) -> list[NodeReport]:
     """One zero-CPU task pinned to each alive node runs :func:`_probe_node`."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -297,7 +329,7 @@ def probe_nodes(directory: Path | None, tracking_url: str | None, timeout_s: flo
     task = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
     nodes = alive_nodes()
     refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(None if directory is None else str(directory), marker, token, tracking_url) for n in nodes}
+            .remote(None if directory is None else str(directory), marker, token, tracking_url, dataset) for n in nodes}
     try:
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         reports = []
@@ -305,15 +337,16 @@ def probe_nodes(directory: Path | None, tracking_url: str | None, timeout_s: flo
             ref = refs[node["NodeID"]]
             if ref in ready:
                 try:
-                    storage_error, tracking_error = ray.get(ref)
+                    storage_error, tracking_error, data_error = ray.get(ref)
                 except Exception as exc:  # the task itself failed on that node
-                    storage_error = tracking_error = f"the check failed there ({type(exc).__name__}: {exc})"
+                    storage_error = tracking_error = data_error = f"the check failed there ({type(exc).__name__}: {exc})"
             else:
-                storage_error = tracking_error = f"the check did not run there within {timeout_s:.0f} s"
+                storage_error = tracking_error = data_error = f"the check did not run there within {timeout_s:.0f} s"
                 ray.cancel(ref, force=True)
             reports.append(NodeReport(node["NodeID"], node.get("NodeManagerAddress", "?"),
                                       storage_error if directory is not None else None,
-                                      tracking_error if tracking_url is not None else None))
+                                      tracking_error if tracking_url is not None else None,
+                                      data_error if dataset is not None else None))
         return reports
     finally:
         if directory is not None:
