@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# The hooks that write RELIABILITY.md from the tests marked `reliability` (see that module).
+from reliability_report import pytest_configure, pytest_runtest_makereport, pytest_sessionfinish  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def ray_local():
