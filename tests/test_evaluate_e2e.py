@@ -65,7 +65,7 @@ def test_evaluate_bad_input_exits_2(tmp_path, capsys):
     f = tmp_path / "small.parquet"
     write_features(f, [{"index": np.arange(20), "label": y, "representation": x}])
     assert cli.main(["evaluate", "--features", str(f), "--k", "50"]) == 2
-    assert "between 2 and the number of samples (20)" in capsys.readouterr().err
+    assert f"--k: 50 clusters cannot be formed from the 20 samples of {f}" in capsys.readouterr().err
     assert cli.main(["evaluate", "--features", str(f), "--k", "1"]) == 2
     unlabelled = tmp_path / "unlabelled.parquet"
     write_features(unlabelled, [{"index": np.arange(20), "label": np.full(20, -1), "representation": x}])
