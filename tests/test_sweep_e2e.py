@@ -66,13 +66,13 @@ def _children(client: MlflowClient) -> list:
     return [r for r in _runs(client) if "mlflow.parentRunId" in r.data.tags]
 
 
-def _wait_for(proc: subprocess.Popen, condition, what: str, timeout_s: float = 400) -> None:
+def _wait_for(proc: subprocess.Popen, condition, what: str, timeout_s: float = 400, poll_s: float = 1.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if proc.poll() is not None:
             raise AssertionError(f"exited ({proc.returncode}) before {what}: {proc.communicate()[0][-3000:]}")
         assert time.monotonic() < deadline, f"not {what} within {timeout_s} s"
-        time.sleep(1)
+        time.sleep(poll_s)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -229,7 +229,7 @@ def _check_reeval_resume(client: MlflowClient, good: list, tmp_path: Path, uri: 
                              "--tracking-uri", uri], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     _wait_for(proc, lambda: any(_eval_metrics(client, good, "kC-n3-s0").values()), "a run's metrics were logged",
-              timeout_s=300)
+              timeout_s=300, poll_s=0.25)
     _kill_group(proc)
     done_before = [r for r in good if "clusterlab.eval/kC-n3-s0" in client.get_run(r.info.run_id).data.tags]
     assert len(done_before) < len(good), "the re-evaluation finished before it could be interrupted"
