@@ -180,14 +180,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_reeval(args: argparse.Namespace) -> int:
     from clusterlab.platform import tracking
     from clusterlab.platform.reeval import reevaluate_experiment
-    from clusterlab.platform.train import init_ray
 
     options = _eval_options(args)
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    if tracking.MlflowClient(uri).get_experiment_by_name(args.experiment) is None:
-        raise ConfigError(f"--experiment: no MLflow experiment named {args.experiment!r} in {uri}")
-    init_ray(args.address)
-    outcomes = reevaluate_experiment(uri, args.experiment, options, args.filter, device=args.device)
+    outcomes = reevaluate_experiment(uri, args.experiment, options, args.filter, device=args.device,
+                                     address=args.address)
     print(f"\n{'run':<44}{'status':<22}{'ACC':>7}{'NMI':>7}{'ARI':>7}   (K-means, normalised; eval/{options.version})")
     for o in outcomes:
         values = "".join(f"{o.metrics[f'kmeans_norm_{m}']:>7.3f}" if f"kmeans_norm_{m}" in o.metrics else f"{'-':>7}"
@@ -240,11 +237,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     """``runs reconcile``: close the RUNNING runs whose process died."""
     from clusterlab.platform import tracking
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    client = tracking.MlflowClient(uri)
-    for name in args.experiment or []:
-        if client.get_experiment_by_name(name) is None:
-            raise ConfigError(f"--experiment: no MLflow experiment named {name!r} in {uri}")
+    client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
     outcomes = tracking.reconcile(client, args.experiment, dry_run=args.dry_run)
     for o in outcomes:
         print(f"{o.experiment[:24]:<25}{o.run_name[:40]:<41}{o.run_id}  "

@@ -28,6 +28,7 @@ from clusterlab.config import ConfigError
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.evaluate import EvalResult, evaluate_checkpoint
 from clusterlab.platform.tracking import ROLE_TAG
+from clusterlab.platform.train import init_ray
 
 EVAL_TAG_PREFIX = "clusterlab.eval/"
 
@@ -98,14 +99,17 @@ def reevaluate_experiment(
     filter_string: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    address: str | None = None,
 ) -> list[ReevalOutcome]:
     """Re-evaluate every finished run with a checkpoint in ``experiment`` (matching
-    ``filter_string``, MLflow search syntax) as parallel Ray tasks."""
-    cluster.check_cluster(None, tracking_uri)  # tasks on other nodes log to the store too
+    ``filter_string``, MLflow search syntax) as parallel Ray tasks on the cluster at
+    ``address`` (default: a local Ray), started only once the experiment is found."""
     client = tracking.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in {tracking_uri}")
+    init_ray(address)
+    cluster.check_cluster(None, tracking_uri)  # tasks on other nodes log to the store too
     query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
     try:
         runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=10000)

@@ -80,15 +80,16 @@ def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             ray.tune.report(dict(run.data.metrics))
             return
         reason = run.data.tags.get(tracking.FAILURE_TAG, "")
-        if run.info.status == "FAILED" and reason.split(":")[0] in PERMANENT_FAILURES:
+        category = reason.split(":")[0]
+        if run.info.status == "FAILED" and category in PERMANENT_FAILURES:
             # A resumed sweep does not repeat a failure that the same settings would repeat.
-            raise TrainingFailed(reason.split(":")[0], f"not retried: {reason}", permanent=True)
+            raise TrainingFailed(category, f"not retried: {reason}", permanent=True)
     run_id, _ = tracking.start_run(client, cfg, run_name, extra_tags={
         PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["name"], TRIAL_TAG: trial_id,
         **({"init_from": sweep["init_from"]} if sweep.get("init_from") else {})})
     try:
         checkpoint_dir, last_epoch = run_trainer(cfg, run_id, run_name, sweep["tracking_uri"],
-                                                 callbacks=[TuneReportCallback()], tracking_client=client)
+                                                 callbacks=[TuneReportCallback()])
     except TrainingFailed as exc:  # the trial errors in Tune; its run says why
         record_failure(client, run_id, exc)
         tracking.end_run(client, run_id, "FAILED")

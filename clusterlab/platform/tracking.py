@@ -26,7 +26,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clusterlab.config import ExperimentConfig, flatten
+from clusterlab.config import ConfigError, ExperimentConfig, flatten
 
 TRACKING_URI_ENV = "CLUSTERLAB_TRACKING_URI"
 RUN_NAME_TAG = "clusterlab.run_name"
@@ -141,13 +141,12 @@ def claim_run(client: MlflowClient, run_id: str) -> None:
     client.set_tag(run_id, OWNER_TAG, owner())
 
 
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
+
 # MLflow error codes that no retry can fix; anything else (connection refused, HTTP 5xx,
 # "database is locked") is taken as transient.
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
                     "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_ALREADY_EXISTS"}
-
-
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
 
 
 def _is_transient(exc: Exception) -> bool:
@@ -174,7 +173,6 @@ class EpochLogger:
         self._logged = {m.step for m in client.get_metric_history(run_id, step_key)}
         self._queue: queue.Queue[tuple[int, list[Metric]] | None] = queue.Queue()
         self._error: Exception | None = None
-        self._carried: tuple[int, list[Metric]] | None = None  # the step that did not fit the last batch
         self._thread = threading.Thread(target=self._send_all, name=f"mlflow-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -201,32 +199,33 @@ class EpochLogger:
                 f"tracking store within {timeout_s:.0f} s; they are kept in the checkpoint's history.json and "
                 "logged when the run resumes")
 
-    def _next_batch(self, carried: tuple[int, list[Metric]] | None) -> tuple[list[tuple[int, list[Metric]]], bool]:
-        """Queued steps not yet logged, as many as fit one ``log_batch`` (a backlog after an
-        outage drains in a few requests); and whether the queue was closed."""
-        batch, size, closed = [], 0, False
+    def _next_batch(self, carried: tuple[int, list[Metric]] | None) -> tuple[list[tuple[int, list[Metric]]],
+                                                                              tuple[int, list[Metric]] | None, bool]:
+        """Queued steps not yet logged, starting with ``carried``, as many as fit one
+        ``log_batch`` (a backlog after an outage drains in a few requests). Returns the batch,
+        the step that did not fit (the next batch's first), and whether the queue was closed."""
+        batch: list[tuple[int, list[Metric]]] = []
+        steps: set[int] = set()
+        size = 0
         item = carried if carried is not None else self._queue.get()
-        while True:
-            if item is None:
-                closed = True
-                break
-            if item[0] not in self._logged and item[1] and all(item[0] != step for step, _ in batch):
-                if batch and size + len(item[1]) > MAX_METRICS_PER_BATCH:
-                    self._carried = item
-                    break
+        while item is not None:
+            step, metrics = item
+            if step not in self._logged and step not in steps and metrics:
+                if batch and size + len(metrics) > MAX_METRICS_PER_BATCH:
+                    return batch, item, False
                 batch.append(item)
-                size += len(item[1])
+                steps.add(step)
+                size += len(metrics)
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
-        return batch, closed
+                return batch, None, False
+        return batch, None, True
 
     def _send_all(self) -> None:
-        closed = False
+        carried, closed = None, False
         while not closed:
-            carried, self._carried = self._carried, None
-            batch, closed = self._next_batch(carried)
+            batch, carried, closed = self._next_batch(carried)
             if not batch:
                 continue
             metrics = [metric for _, step_metrics in batch for metric in step_metrics]
@@ -273,13 +272,16 @@ def _owner_alive(tag: str) -> bool | None:
 
 def reconcile(client: MlflowClient, experiments: list[str] | None = None, dry_run: bool = False) -> list[Reconciled]:
     """Close the RUNNING runs whose owning process died: they end FAILED with a
-    ``failure_reason``. Runs owned on another host are reported, not touched."""
+    ``failure_reason``. Runs owned on another host are reported, not touched. ``experiments``
+    (default: all) must exist: a misspelt name is refused, not taken for "nothing to do"."""
     exps = ([client.get_experiment_by_name(n) for n in experiments] if experiments
             else client.search_experiments(max_results=10000))
+    missing = [n for n, e in zip(experiments or [], exps) if e is None]
+    if missing:
+        raise ConfigError(f"--experiment: no MLflow experiment named {', '.join(map(repr, missing))} in "
+                          f"{client.tracking_uri}")
     outcomes = []
     for exp in exps:
-        if exp is None:
-            continue
         for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=10000):
             tag = run.data.tags.get(OWNER_TAG, "")
             name = run.data.tags.get(RUN_NAME_TAG, run.info.run_name or run.info.run_id)

@@ -272,8 +272,7 @@ def classify_failure(exc: Exception, run_name: str) -> TrainingFailed:
 
 
 def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri: str,
-                callbacks: list[Any] | None = None,
-                tracking_client: tracking.MlflowClient | None = None) -> tuple[Path, dict[str, float]]:
+                callbacks: list[Any] | None = None) -> tuple[Path, dict[str, float]]:
     """Fit the TorchTrainer -> (local directory of the final checkpoint, last epoch's metrics).
 
     A failed attempt is retried from the latest checkpoint up to ``resources.max_failures``
@@ -307,10 +306,10 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
         )
         return trainer.fit()
 
+    client = tracking.MlflowClient(tracking_uri)
     retries = float("inf") if res.max_failures == -1 else res.max_failures
     for attempts in itertools.count(1):
-        if tracking_client is not None:
-            tracking_client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
+        client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
         try:
             result = attempt()
             break
@@ -356,7 +355,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         print(f"resuming run {run_name!r} (MLflow run {run_id}) from its latest checkpoint", flush=True)
     status = "FAILED"
     try:
-        checkpoint_dir, _ = run_trainer(cfg, run_id, run_name, tracking_uri, tracking_client=client)
+        checkpoint_dir, _ = run_trainer(cfg, run_id, run_name, tracking_uri)
         metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, evaluate, progress)
         status = "FINISHED"
         return TrainResult(run_id, run_name, checkpoint_dir, metrics)
