@@ -88,6 +88,9 @@ class ModelConfig(StrictModel):
     cnn_width: int = Field(32, ge=1, description="channels of the small_cnn backbone's first block")
     embedding_dim: int = Field(256, ge=1, description="projection output (256 base encoder, 32 continued)")
     hidden_dim: int | None = Field(None, ge=1, description="projection hidden width; None = feature dim")
+    sync_batchnorm: bool | None = Field(
+        None, description="BatchNorm over the global batch in multi-worker runs (SyncBatchNorm on CUDA); "
+        "null = on whenever resources.num_workers > 1, as the SimCLR paper and the released ExCB code")
 
 
 class OptimConfig(StrictModel):
@@ -127,7 +130,12 @@ class MixemConfig(StrictModel):
 
     num_components: int | None = Field(None, ge=2, description="M; None = the dataset's number of classes")
     push_pull_form: Literal["paper", "released"] = Field(
-        "paper", description="paper: Eq. 6-8 on component embeddings; released: on the mixed embedding z"
+        "paper", description="paper: Eq. 6-8 on the component embeddings over the batch; released: the released "
+        "code's definition (mixed embedding z, one zero vector appended per component, per view, summed over views)"
+    )
+    view_reduction: Literal["joint", "sum"] = Field(
+        "joint", description="joint: comp-ent, inst-ent (and paper-form push/pull) over the rows of both views; "
+        "sum: each per view, summed over the two views, as the released code weights them (about 2x joint)"
     )
 
 

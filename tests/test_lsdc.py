@@ -105,9 +105,8 @@ def _constant_images(n, size=16):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_ricap_pieces_weigh_by_the_area_they_cover(seed):
-    torch.manual_seed(seed)
     n = 6
-    comp = ricap(_constant_images(n))
+    comp = ricap(_constant_images(n), 0.3, np.random.default_rng(seed))
     assert torch.allclose(comp.weights.sum(0), torch.ones(n))  # label mass kept
     for j in range(n):
         shares = torch.bincount(comp.images[j, 0].flatten().long(), minlength=n).float() / 256
@@ -116,9 +115,8 @@ def test_ricap_pieces_weigh_by_the_area_they_cover(seed):
 
 
 def test_mixup_mixes_images_and_targets_with_the_same_weight():
-    torch.manual_seed(0)
     n = 5
-    comp = mixup(_constant_images(n))
+    comp = mixup(_constant_images(n), 0.3, np.random.default_rng(0))
     assert torch.allclose(comp.weights.sum(0), torch.ones(n))
     lam = float(comp.weights[0, 0])
     assert torch.equal(comp.perms[0], torch.arange(n))

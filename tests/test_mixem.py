@@ -68,15 +68,72 @@ def test_push_pull_paper_form_eq6_to_8():
     assert push.item() == pytest.approx(-math.sqrt(0.1), abs=1e-5)
 
 
-def test_push_pull_released_form_uses_the_mixed_embedding_and_means():
+def _released_push_pull(z: torch.Tensor, assign: torch.Tensor, m: int) -> tuple[float, float]:
+    """The released code's push/pull for one view (train.py, mixem_loss), transcribed with
+    loops: one zero vector labelled c appended per component c, mean member distance per
+    component summed and divided by M, push over the M^2 - M ordered pairs of means."""
+    x = torch.cat([z, torch.zeros(m, z.shape[1])]).double()
+    y = torch.cat([assign, torch.arange(m)])
+    means = [x[y == c].mean(0) for c in range(m)]
+    pull = sum(float((x[y == c] - means[c]).norm(dim=1).mean()) for c in range(m)) / m
+    push = -sum(float((means[a] - means[b]).norm()) for a in range(m) for b in range(m) if a != b) / (m * m - m)
+    return push, pull
+
+
+def test_push_pull_released_form_by_hand():
     p, e = _push_pull_case()
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0]])
     push, pull = push_pull_losses(p, e, form="released", z=z)
-    # mu_0 = (0.5, 0.5), mu_1 = (3, 4); pull = mean over components of mean member distance
-    assert pull.item() == pytest.approx((math.sqrt(0.5) + 0.0) / 2, abs=1e-5)
-    assert push.item() == pytest.approx(-math.hypot(2.5, 3.5), abs=1e-5)
+    # zero vectors appended: E_0 + 0 = {(1,0), (0,1), (0,0)}, mu_0 = (1/3, 1/3);
+    # E_1 + 0 = {(3,4), (0,0)}, mu_1 = (1.5, 2)
+    pull_0 = (2 * math.sqrt(5) / 3 + math.sqrt(2) / 3) / 3
+    assert pull.item() == pytest.approx((pull_0 + 2.5) / 2, abs=1e-5)
+    assert push.item() == pytest.approx(-2 * math.hypot(1.5 - 1 / 3, 2 - 1 / 3) / 2, abs=1e-5)
     with pytest.raises(ValueError, match="needs the mixed embedding"):
         push_pull_losses(p, e, form="released")
+
+
+def test_mixem_released_push_pull_sums_the_views_as_the_released_code():
+    """MixEM.forward with push_pull_form=released: per view, zero vectors appended, summed
+    over the two views, against the loop transcription of the released code."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["method=mixem", "model.cnn_width=4", "model.embedding_dim=8", "mixem.num_components=4",
+                             "mixem.push_pull_form=released"], preset="simclr_digits")
+    method = build_method(cfg, 10, 16, (0.5,) * 3, (0.25,) * 3)
+    views = [torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)]
+    method.eval()  # BatchNorm on running statistics: the same z whether views pass alone or together
+    terms = method(views)["terms"]
+    push, pull = 0.0, 0.0
+    for view in views:
+        p, _, z = method.mixture(method.backbone(view))
+        v_push, v_pull = _released_push_pull(z.detach(), dominant_component(p), 4)
+        push, pull = push + v_push, pull + v_pull
+    assert terms["push"].item() == pytest.approx(push, rel=1e-5)
+    assert terms["pull"].item() == pytest.approx(pull, rel=1e-5)
+
+
+def test_view_reduction_sum_is_the_released_per_view_weighting():
+    """mixem.view_reduction=sum: comp-ent and inst-ent per view, summed (released ent1 + ent2,
+    pimax over both views); joint: over the 2N rows (Eq. 4-5 on the batch)."""
+    torch.manual_seed(0)
+    overrides = ["method=mixem", "model.cnn_width=4", "model.embedding_dim=8", "mixem.num_components=4"]
+    views = [torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)]
+    joint = build_method(load_config(None, overrides, preset="simclr_digits"), 10, 16, (0.5,) * 3, (0.25,) * 3)
+    summed = build_method(load_config(None, overrides + ["mixem.view_reduction=sum"], preset="simclr_digits"),
+                          10, 16, (0.5,) * 3, (0.25,) * 3)
+    summed.load_state_dict(joint.state_dict())
+    joint.eval(), summed.eval()  # BatchNorm on running statistics: the same p for one view or two
+    with torch.no_grad():
+        p_views = [joint.mixture(joint.backbone(v))[0] for v in views]
+    t_sum, t_joint = summed(views)["terms"], joint(views)["terms"]
+    expected_ent = sum(float((q.mean(0) * q.mean(0).log()).sum()) for q in p_views)
+    expected_inst = sum(float((1 - q.max(1).values).mean()) for q in p_views)
+    assert t_sum["comp_ent"].item() == pytest.approx(expected_ent, rel=1e-5)
+    assert t_sum["inst_ent"].item() == pytest.approx(expected_inst, rel=1e-5)
+    both = torch.cat(p_views)
+    assert t_joint["comp_ent"].item() == pytest.approx(float((both.mean(0) * both.mean(0).log()).sum()), rel=1e-5)
+    assert t_joint["inst_ent"].item() == pytest.approx(expected_inst / 2, rel=1e-5)
+    assert t_sum["contrast"].item() == pytest.approx(t_joint["contrast"].item(), rel=1e-6)  # NT-Xent unchanged
 
 
 def test_gradients_reach_the_gate_through_entropies_only():
@@ -100,7 +157,8 @@ def test_no_nan_with_empty_components_and_batch_of_two(form):
     push, pull = push_pull_losses(p, e, form=form, z=z)
     total = comp_entropy_loss(p) + inst_entropy_loss(p) + push + pull
     total.backward()
-    assert push.item() == 0.0  # fewer than two non-empty components: nothing to push
+    if form == "paper":
+        assert push.item() == 0.0  # fewer than two non-empty components: nothing to push
     assert torch.isfinite(total) and torch.isfinite(e.grad).all() and torch.isfinite(logits.grad).all()
     assert component_stats(p)["nonempty_components"].item() == 1.0
 

@@ -27,6 +27,7 @@ from clusterlab.data.datasets import build_splits
 from clusterlab.eval.kmeans import batched_kmeans
 from clusterlab.trainers import Method, build_method
 from clusterlab.trainers.checkpoint import DataMeta, load_backbone, read_checkpoint, read_history, save_checkpoint
+from clusterlab.trainers.distributed import to_global_batchnorm
 from clusterlab.trainers.optim import build_optimizer, build_scheduler
 
 
@@ -222,6 +223,11 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         if cfg.init_from:
             load_backbone(method, read_checkpoint(cfg.init_from))
         method.initialise(train_images, partial(_kmeans_centroids, seed=cfg.seed))
+    if world > 1 and cfg.model.sync_batchnorm is not False:
+        # BatchNorm statistics of the global batch, so that N workers train what one does
+        # (after initialise, whose forward passes need no collectives; parameters are shared,
+        # so the optimiser and the checkpoint's keys are unaffected).
+        to_global_batchnorm(method, device.type)
     model = session.prepare_model(method)  # after loading weights: DDP broadcasts rank 0's
     if perf.compile:  # the step's model part only: augmentation and the optimiser stay eager
         model = torch.compile(model, mode=None if perf.compile_mode == "default" else perf.compile_mode)

@@ -2,7 +2,8 @@
 with pairwise pseudo-labels from the feature space (Sec. 3; pure parts in ``lsdc_losses``).
 
 Per step, with x the un-augmented batch, x' its augmented version and x~ a composite of x'
-(RICAP / MixUp / none):
+(RICAP / MixUp / none), each over the global batch when several workers train (every worker
+labels, composes and scores the whole batch; see ``lsdc_losses``):
 
     A        = pairwise labels of the detached features f = Phi(x)       (Sec. 3.2, Eq. 1-2)
     L_clus   = BCE(p_i . p~_j, sum_m w_m A[i, sigma_m(j)])                (Eq. 3-6)
@@ -16,6 +17,7 @@ statistics (supplementary Sec. 1: RotNet's early filters are kept).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import BatchAugment, Normalize
 from clusterlab.models import build_backbone, macro_blocks
 from clusterlab.trainers.base import Method, register
+from clusterlab.trainers.distributed import gather_rows, local_rows, world
 from clusterlab.trainers.lsdc_losses import (
     Composition,
     consistency_loss,
@@ -52,6 +55,9 @@ class LSDC(Method):
         for block in self._frozen:
             block.requires_grad_(False)
         self._epoch = 0.0
+        # Composition draws (RICAP / MixUp), alike on every worker: each composes the global batch.
+        self._rng_epoch = 0
+        self._rng = np.random.default_rng([cfg.seed, 0])
 
     def train(self, mode: bool = True) -> "LSDC":
         super().train(mode)
@@ -61,6 +67,9 @@ class LSDC(Method):
 
     def set_progress(self, epoch: float) -> None:
         self._epoch = epoch
+        if int(epoch) != self._rng_epoch:  # compositions reproducible per epoch, also on resume
+            self._rng_epoch = int(epoch)
+            self._rng = np.random.default_rng([self.cfg.seed, self._rng_epoch])
 
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.normalize(images), self.augment(images)]
@@ -73,12 +82,13 @@ class LSDC(Method):
         return {"representation": h, "probabilities": torch.softmax(self.head(h).float(), dim=1)}
 
     def _compose(self, images: torch.Tensor) -> Composition | None:
-        """The composite batch, or None without composition (then Eq. 5 pairs p with p')."""
+        """The composite of the global batch (every worker's ``images`` gathered; without
+        gradients, they are inputs), or None without composition (then Eq. 5 pairs p with p')."""
         opts = self.cfg.lsdc
         if opts.composition == "ricap":
-            return ricap(images, opts.composition_beta)
+            return ricap(gather_rows(images), opts.composition_beta, self._rng)
         if opts.composition == "mixup":
-            return mixup(images, opts.composition_beta)
+            return mixup(gather_rows(images), opts.composition_beta, self._rng)
         return None
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -86,13 +96,14 @@ class LSDC(Method):
         clean, augmented = views
         n = clean.shape[0]
         composite = self._compose(augmented)
-        inputs = [clean, augmented] + ([composite.images] if composite is not None else [])
+        inputs = [clean, augmented] + ([local_rows(composite.images)] if composite is not None else [])
         features = self.backbone(torch.cat(inputs))
         logits = self.head(features).float()
         p, p_aug = torch.softmax(logits[:n], 1), torch.softmax(logits[n:2 * n], 1)
         source = features[:n] if opts.label_space == "features" else logits[:n]
-        adjacency = pairwise_adjacency(source.detach(), opts.labeling, k=min(opts.k, n - 1), threshold=opts.threshold,
-                                       temperature=opts.sne_temperature)
+        global_n = n * world()[1]
+        adjacency = pairwise_adjacency(source.detach(), opts.labeling, k=min(opts.k, global_n - 1),
+                                       threshold=opts.threshold, temperature=opts.sne_temperature)
         if composite is None:
             clustering = pairwise_bce_loss(p, p_aug, adjacency)
         else:

@@ -5,6 +5,11 @@ consistency loss and its ramp-up (Eq. 7-8).
 
 Every adjacency matrix is (N, N), symmetric, float 0/1, with ones on the diagonal (a sample
 is in its own cluster, and p_i . p'_i is pushed to 1 like any other connected pair).
+
+Data-parallel: the graph is that of the **global** batch. :func:`pairwise_adjacency` and
+:func:`pairwise_bce_loss` take each worker's local rows and gather every worker's (N is the
+global batch size, the targets are global), and the compositions are drawn over the global
+batch from a generator that every worker seeds alike, so N workers optimise what one does.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from clusterlab.trainers.distributed import gather_rows
 
 
 def _with_self_loops(a: torch.Tensor) -> torch.Tensor:
@@ -67,8 +75,10 @@ def sne_adjacency(f: torch.Tensor, temperature: float, threshold: float) -> torc
 
 def pairwise_adjacency(f: torch.Tensor, kind: str, *, k: int = 20, threshold: float = 0.9,
                        temperature: float = 1.0) -> torch.Tensor:
-    """Dispatch on the labelling kind (``knn``, ``cosine``, ``l2``, ``sne``); ``f`` detached."""
-    f = f.detach()
+    """The global batch's (N, N) adjacency from this worker's rows of the features ``f``
+    (detached; every worker's rows gathered). Dispatches on the labelling kind (``knn``,
+    ``cosine``, ``l2``, ``sne``)."""
+    f = gather_rows(f.detach())
     if kind == "knn":
         return knn_adjacency(f, k)
     if kind == "cosine":
@@ -83,8 +93,10 @@ def pairwise_adjacency(f: torch.Tensor, kind: str, *, k: int = 20, threshold: fl
 def pairwise_bce_loss(p: torch.Tensor, q: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Eq. 5 (and Eq. 6 with mixed targets): binary cross-entropy between P(i = j) = p_i . q_j
     (Eq. 4) and the pairwise target, averaged over the N x N pairs (the paper sums; the mean
-    keeps the loss scale independent of the batch size)."""
-    same = (p.float() @ q.float().t()).clamp(eps, 1.0 - eps)
+    keeps the loss scale independent of the batch size). ``p`` and ``q`` are this worker's rows
+    (gathered here, with gradients); ``target`` is over the global batch, as
+    :func:`pairwise_adjacency` and :meth:`Composition.targets` return it."""
+    same = (gather_rows(p).float() @ gather_rows(q).float().t()).clamp(eps, 1.0 - eps)
     return F.binary_cross_entropy(same, target.float())
 
 
@@ -115,39 +127,38 @@ class Composition:
         return sum(adjacency[:, perm] * w[None, :] for perm, w in zip(self.perms, self.weights))
 
 
-def ricap(images: torch.Tensor, beta: float = 0.3) -> Composition:
+def ricap(images: torch.Tensor, beta: float, rng: np.random.Generator) -> Composition:
     """RICAP (Takahashi et al.): four crops from four permutations of the batch patched into
     one image. The split point (w, h) is drawn from Beta(beta, beta) per batch (LSD-C
     supplementary Sec. 1), each crop from a random position of its source image; the pieces
-    weigh by area."""
+    weigh by area. Every draw comes from ``rng``: workers that seed it alike compose the global
+    batch alike."""
     n, _, height, width = images.shape
-    u = torch.distributions.Beta(torch.tensor(beta), torch.tensor(beta)).sample((2,))
-    w = int(round(float(u[0]) * width))
-    h = int(round(float(u[1]) * height))
+    w = int(round(rng.beta(beta, beta) * width))
+    h = int(round(rng.beta(beta, beta) * height))
     sizes = [(w, h), (width - w, h), (w, height - h), (width - w, height - h)]
     corners = [(0, 0), (w, 0), (0, h), (w, h)]
     out = torch.empty_like(images)
     perms, weights = [], []
     for (cw, ch), (x0, y0) in zip(sizes, corners):
-        perm = torch.randperm(n, device=images.device)
+        perm = torch.from_numpy(rng.permutation(n)).to(images.device)
         perms.append(perm)
         weights.append(torch.full((n,), cw * ch / (width * height), device=images.device))
         if cw == 0 or ch == 0:
             continue
-        sx = int(torch.randint(0, width - cw + 1, ()))
-        sy = int(torch.randint(0, height - ch + 1, ()))
+        sx, sy = int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1))
         out[:, :, y0:y0 + ch, x0:x0 + cw] = images[perm, :, sy:sy + ch, sx:sx + cw]
     return Composition(out, torch.stack(perms), torch.stack(weights))
 
 
-def mixup(images: torch.Tensor, beta: float = 0.3) -> Composition:
+def mixup(images: torch.Tensor, beta: float, rng: np.random.Generator) -> Composition:
     """MixUp (Zhang et al.) with lambda ~ Beta(beta, beta) per batch (Beta(0.3, 0.3) works
-    better than Beta(1, 1) for LSD-C, supplementary Sec. 1): x~ = lam x + (1 - lam) x[perm]."""
+    better than Beta(1, 1) for LSD-C, supplementary Sec. 1): x~ = lam x + (1 - lam) x[perm].
+    Every draw comes from ``rng`` (see :func:`ricap`)."""
     n = images.shape[0]
-    lam = float(torch.distributions.Beta(torch.tensor(beta), torch.tensor(beta)).sample())
-    perm = torch.randperm(n, device=images.device)
+    lam = float(rng.beta(beta, beta))
+    perm = torch.from_numpy(rng.permutation(n)).to(images.device)
     identity = torch.arange(n, device=images.device)
     mixed = lam * images + (1.0 - lam) * images[perm]
     weights = torch.stack([torch.full((n,), lam, device=images.device), torch.full((n,), 1.0 - lam, device=images.device)])
     return Composition(mixed, torch.stack([identity, perm]), weights)
-

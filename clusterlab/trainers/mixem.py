@@ -21,6 +21,7 @@ from torch import nn
 
 from clusterlab.config import ExperimentConfig
 from clusterlab.trainers.base import register
+from clusterlab.trainers.distributed import gather_rows
 from clusterlab.trainers.simclr import SimCLR, nt_xent_loss
 
 _EPS = 1e-12
@@ -28,8 +29,10 @@ _EPS = 1e-12
 
 def _safe_norm(x: torch.Tensor) -> torch.Tensor:
     """L2 norm over the last axis whose gradient stays finite at 0 (a one-member component
-    sits exactly on its mean; ``torch.linalg.norm`` would back-propagate 0/0 = NaN there)."""
-    return (x * x).sum(-1).clamp_min(_EPS).sqrt()
+    sits exactly on its mean; ``torch.linalg.norm`` would back-propagate 0/0 = NaN there) and
+    whose value is exactly 0 there (the released form's zero vectors sit on empty components' means)."""
+    sq = (x * x).sum(-1)
+    return torch.where(sq > 0, sq.clamp_min(_EPS * _EPS).sqrt(), torch.zeros_like(sq))
 
 
 def comp_entropy_loss(p: torch.Tensor) -> torch.Tensor:
@@ -37,9 +40,10 @@ def comp_entropy_loss(p: torch.Tensor) -> torch.Tensor:
 
     ``sum_m pbar_m log pbar_m`` with ``pbar_m = 1/N sum_i p_m^i``; minimising it spreads samples
     over components. A component with zero mass contributes 0 (0 log 0 := 0) with a finite
-    gradient. Its minimum is ``-log M`` (uniform marginal).
+    gradient. Its minimum is ``-log M`` (uniform marginal). Data-parallel: pbar is the marginal
+    of the **global** batch (every worker's rows gathered).
     """
-    pbar = p.mean(dim=0)
+    pbar = gather_rows(p).mean(dim=0)
     return (pbar * pbar.clamp_min(_EPS).log()).sum()
 
 
@@ -47,7 +51,9 @@ def inst_entropy_loss(p: torch.Tensor) -> torch.Tensor:
     """L_inst-ent, Eq. 5: ``1/N sum_i (1 - max_m p_m^i)``.
 
     Eq. 5 sums over the batch; we take the mean so that the weight l2 does not depend on the
-    batch size. It pushes each sample's dominant coefficient towards one.
+    batch size. It pushes each sample's dominant coefficient towards one. A per-sample mean:
+    data-parallel workers take it over their own rows, and DDP's gradient average makes it the
+    global mean.
     """
     return (1.0 - p.max(dim=1).values).mean()
 
@@ -67,7 +73,7 @@ def push_pull_losses(
     form: Literal["paper", "released"] = "paper",
     z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L_push, L_pull)``, the associative embedding loss of Eq. 6-8.
+    """``(L_push, L_pull)``, the associative embedding loss of Eq. 6-8, over the rows given.
 
     E_m is the set of samples whose dominant component (:func:`dominant_component`) is m.
 
@@ -77,31 +83,38 @@ def push_pull_losses(
         L_push = -1/M sum_m sum_{m' != m} ||mu_m - mu_m'||_2                    (Eq. 8)
     Eq. 8 is the distance to *maximise*; we return its negative so that minimising Eq. 9
     pushes the means apart. Note the paper's normalisation: pull sums over members (it grows
-    with the batch size) and both divide by M, the number of components.
+    with the batch size) and both divide by M, the number of components. A component with no
+    members contributes nothing.
 
-    ``form="released"`` follows the released code's placement: the terms act on the mixed
-    embedding ``z`` (N, D) with per-component means mu_m = mean of z over E_m. Its
-    normalisation is ours, chosen to be independent of batch size and M: averages instead of
-    sums, L_pull = mean over non-empty m of (mean over E_m of ||z_i - mu_m||) and
-    L_push = -mean over ordered pairs of non-empty m != m' of ||mu_m - mu_m'||.
+    ``form="released"`` is the released code's definition (``train.py``, ``mixem_loss``), for
+    the rows of **one view**: the terms act on the mixed embedding ``z`` (N, D); one zero vector
+    labelled m is appended per component m (so no E_m is empty), mu_m is the mean of E_m and
+    its zero vector, and
+        L_pull = 1/M sum_m mean_{i in E_m + zero} ||z_i - mu_m||
+        L_push = -1/(M^2 - M) sum_{m != m'} ||mu_m - mu_m'||
+    The released code computes them per view and sums the two views (see ``MixEM.forward``).
 
-    Components with no members contribute nothing to either term in both forms: no NaN, no
-    division by zero, zero loss when fewer than two components are non-empty (push) or none
-    is (pull).
+    Data-parallel: the memberships and means are those of the **global** batch (the
+    assignments and member embeddings of every worker are gathered, with gradients).
     """
-    n, m = p.shape
+    m = p.shape[1]
     assign = dominant_component(p)
-    onehot = F.one_hot(assign, m).to(e.dtype)  # (N, M)
-    counts = onehot.sum(dim=0)  # (M,)
-    nonempty = counts > 0
     if form == "paper":
-        members = e[torch.arange(n, device=e.device), assign]  # e_m^i for i in E_m, (N, D)
+        members = e[torch.arange(len(assign), device=e.device), assign]  # e_m^i for i in E_m, (N, D)
     elif form == "released":
         if z is None:
             raise ValueError("push_pull_losses(form='released') needs the mixed embedding z")
-        members = z
+        members = z.float()
     else:
         raise ValueError(f"unknown form {form!r}; allowed: 'paper', 'released'")
+    assign, members = gather_rows(assign), gather_rows(members)
+    if form == "released":
+        labels = torch.arange(m, device=assign.device)
+        assign = torch.cat([assign, labels])
+        members = torch.cat([members, members.new_zeros(m, members.shape[1])])
+    onehot = F.one_hot(assign, m).to(members.dtype)  # (N, M)
+    counts = onehot.sum(dim=0)  # (M,)
+    nonempty = counts > 0
     mu = (onehot.t() @ members) / counts.clamp_min(1).unsqueeze(1)  # (M, D); empty rows stay 0
     member_dist = _safe_norm(members - mu[assign])  # (N,)
     pair_dist = _safe_norm(mu.unsqueeze(1) - mu.unsqueeze(0))  # (M, M)
@@ -109,16 +122,16 @@ def push_pull_losses(
     pair_sum = (pair_dist * pair_mask).sum()
     if form == "paper":
         return -pair_sum / m, member_dist.sum() / m
-    per_component = (onehot.t() @ member_dist) / counts.clamp_min(1)  # mean distance within each E_m
-    pull = per_component.sum() / nonempty.sum().clamp_min(1)
-    push = -pair_sum / pair_mask.sum().clamp_min(1)
-    return push, pull
+    per_component = (onehot.t() @ member_dist) / counts  # mean distance within each E_m + zero
+    return -pair_sum / (m * m - m), per_component.sum() / m
 
 
 def component_stats(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Collapse diagnostics (Sec. 3.2): entropy of the marginal and non-empty components."""
+    """Collapse diagnostics (Sec. 3.2) of the global batch: entropy of the marginal and the
+    number of non-empty components."""
+    p = gather_rows(p.detach())
     return {
-        "component_entropy": -comp_entropy_loss(p.detach()),
+        "component_entropy": -comp_entropy_loss(p),
         "nonempty_components": torch.bincount(dominant_component(p), minlength=p.shape[1]).gt(0).sum().float(),
     }
 
@@ -171,14 +184,20 @@ class MixEM(SimCLR):
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         n = views[0].shape[0]
+        opts = self.cfg.mixem
         p, e, z = self.mixture(self.backbone(torch.cat(views)))
-        push, pull = push_pull_losses(p, e, self.cfg.mixem.push_pull_form, z)
+        each_view = [slice(i * n, (i + 1) * n) for i in range(len(views))]
+        # mixem.view_reduction: each auxiliary term over the rows of both views ("joint", the
+        # paper's batch), or per view and summed over the views (the released code's weighting).
+        aux_rows = each_view if opts.view_reduction == "sum" else [slice(None)]
+        push_pull_rows = each_view if opts.push_pull_form == "released" else aux_rows
+        push_pull = [push_pull_losses(p[r], e[r], opts.push_pull_form, z[r]) for r in push_pull_rows]
         terms = {
             "contrast": nt_xent_loss(z[:n], z[n:], self.cfg.loss.temperature),
-            "comp_ent": comp_entropy_loss(p),
-            "inst_ent": inst_entropy_loss(p),
-            "push": push,
-            "pull": pull,
+            "comp_ent": sum(comp_entropy_loss(p[r]) for r in aux_rows),
+            "inst_ent": sum(inst_entropy_loss(p[r]) for r in aux_rows),
+            "push": sum(push for push, _ in push_pull),
+            "pull": sum(pull for _, pull in push_pull),
         }
         return {"terms": terms, "stats": component_stats(p)}
 

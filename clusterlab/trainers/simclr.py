@@ -9,6 +9,7 @@ from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import BatchAugment, Normalize
 from clusterlab.models import ProjectionHead, build_backbone
 from clusterlab.trainers.base import Method, register
+from clusterlab.trainers.distributed import gather_rows
 
 
 def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -21,9 +22,15 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> to
         L = 1/(2N) sum_i [ l(i, j) + l(j, i) ]                                        (Eq. 2)
 
     i.e. a (2N-1)-way cross-entropy per view whose target is its positive.
+
+    Data-parallel: each worker passes its local rows; N is the **global** batch. The embeddings
+    of every worker are gathered (:func:`~clusterlab.trainers.distributed.gather_rows`, with
+    gradients flowing back), so the negatives come from the whole batch as in the SimCLR paper
+    and the value is the single-process loss on every worker.
     """
     if z_a.shape != z_b.shape or z_a.ndim != 2:
         raise ValueError(f"expected two (N, D) tensors of the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    z_a, z_b = gather_rows(z_a), gather_rows(z_b)
     n = z_a.shape[0]
     z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)
     logits = z @ z.t() / temperature
