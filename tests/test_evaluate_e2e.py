@@ -55,6 +55,7 @@ def test_evaluate_features_cli_end_to_end(ray_local, tmp_path, capsys):
     metrics = json.loads(out_json.read_text())
     assert metrics["kmeans_raw_acc"] == pytest.approx(1.0)
     assert {"kmeans_norm_nmi", "kmeans_norm_ari", "kmeans_norm_inertia", "linear_probe_acc"} <= set(metrics)
+    assert metrics["eval_images"] == len(y)  # a features file is evaluated whole
     assert {p.name for p in plots.iterdir()} == {"accuracy_vs_inertia.png", "confusion.png", "tsne.png"}
 
 

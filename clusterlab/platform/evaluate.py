@@ -1,9 +1,12 @@
 """Post-training evaluation: features -> Parquet -> K-means fan-out on Ray -> metrics + plots.
 
-``evaluate_checkpoint`` extracts the test split's (and, for the linear probe, the train
-split's) features once into Parquet files and reuses them on later evaluations, so a run can
-be re-evaluated without touching the model again. ``evaluate_features`` works from features
-alone, including files produced outside clusterlab.
+``evaluate_checkpoint`` extracts the test split's and the train split's features once into
+Parquet files and reuses them on later evaluations, so a run can be re-evaluated without
+touching the model again. It clusters the test split, or with ``eval.split: all`` the
+labelled images of train + test together (LSD-C Sec. 4: "we train and test the methods on the
+whole dataset"), read from the same two files; the linear probe always trains on train and
+scores on test. ``evaluate_features`` works from features alone, including files produced
+outside clusterlab.
 """
 
 from __future__ import annotations
@@ -37,12 +40,34 @@ from clusterlab.trainers import Method
 from clusterlab.trainers.checkpoint import DataMeta, method_from_checkpoint, read_checkpoint
 
 
+EVAL_SPLIT_TAG = "clusterlab.eval_split"  # run tag: the images a checkpoint's evaluation scored (eval.split)
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
     figures: dict[str, Figure] = field(default_factory=dict)  # artifact file name -> figure
     kmeans: dict[str, FanoutResult] = field(default_factory=dict)  # metric prefix -> fan-out result
     feature_files: dict[str, Path] = field(default_factory=dict)  # split -> Parquet file
+    split: str | None = None  # eval.split of a checkpoint's evaluation ("test" / "all"); None: given features
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """Run tags recording what was evaluated: :data:`EVAL_SPLIT_TAG` when the split is known."""
+        return {} if self.split is None else {EVAL_SPLIT_TAG: self.split}
+
+
+def split_features(split: str, test: dict[str, np.ndarray], train: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The features evaluated for ``eval.split``: ``"test"``, the test split; ``"all"``, train
+    followed by test, every column concatenated (the whole-dataset evaluation of LSD-C Sec. 4;
+    ``index`` stays the row within each split)."""
+    if split == "test":
+        return test
+    if split == "all":
+        if set(train) != set(test):
+            raise ValueError(f"train and test features have different columns ({sorted(train)} vs {sorted(test)})")
+        return {name: np.concatenate([train[name], test[name]]) for name in test}
+    raise ValueError(f"eval split must be 'test' or 'all', got {split!r}")
 
 
 def evaluate_features(
@@ -55,17 +80,25 @@ def evaluate_features(
     tasks: int | None = None,
     device: str | None = None,
     train: dict[str, np.ndarray] | None = None,
+    probe_test: dict[str, np.ndarray] | None = None,
+    num_classes: int | None = None,
     pixels: np.ndarray | None = None,
     plots: bool = True,
     progress: bool = True,
 ) -> EvalResult:
-    """Cluster test features (K = ``k`` or the number of classes in the labels).
+    """Cluster the evaluated features ``test`` (the test split, or train + test with
+    ``eval.split: all``) into K = ``k`` clusters (default: the number of distinct labels) and
+    score them against C = ``num_classes`` classes (default: the largest label + 1; pass the
+    dataset's class count where it is known, so that a split lacking a class is still
+    matched one-to-one when K = C).
 
-    Metrics: ``kmeans_norm_*`` (L2-normalised representation, MIX'EM Table 1 row 2),
+    Metrics: ``eval_images`` (how many images were clustered and scored),
+    ``kmeans_norm_*`` (L2-normalised representation, MIX'EM Table 1 row 2),
     ``kmeans_raw_*``, ``pixels_*`` (when ``pixels`` are given), each ``acc/nmi/ari`` plus the
     best ``*_inertia``; ``maxcomp_*`` / ``kmeans_mixinit_*`` when MIX'EM coefficients are
     present; ``head_*`` (argmax of the cluster head, confident-sample accuracy) when head
-    probabilities are; ``linear_probe_acc`` when train features are given. ``device`` (``"cpu"`` /
+    probabilities are; ``linear_probe_acc`` when train features are given (fitted on ``train``,
+    scored on ``probe_test``, default ``test``). ``device`` (``"cpu"`` /
     ``"cuda"``, default: GPUs when the Ray cluster has any) is where K-means runs.
     """
     labels = test["label"]
@@ -74,30 +107,33 @@ def evaluate_features(
     k = k or len(np.unique(labels))
     if not 2 <= k <= len(labels):
         raise ValueError(f"K must be between 2 and the number of samples ({len(labels)}), got {k}")
+    num_classes = num_classes or int(labels.max()) + 1
     normalized = test["representation_l2"] if "representation_l2" in test else l2_normalize(test["representation"])
     variants = {"kmeans_norm": normalized, "kmeans_raw": test["representation"]}
     if pixels is not None:
         variants["pixels"] = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
-    result = EvalResult({})
-    result.kmeans = kmeans_fanout(variants, k, n_init=n_init, labels=labels, max_iter=max_iter, seed=seed,
-                                  tasks=tasks, device=device, progress=progress)
+    result = EvalResult({"eval_images": float(len(labels))})
+    result.kmeans = kmeans_fanout(variants, k, n_init=n_init, labels=labels, num_classes=num_classes,
+                                  max_iter=max_iter, seed=seed, tasks=tasks, device=device, progress=progress)
     for prefix, run in result.kmeans.items():
-        result.metrics.update({f"{prefix}_{m}": v for m, v in clustering_metrics(labels, run.labels).items()})
+        result.metrics.update({f"{prefix}_{m}": v
+                               for m, v in clustering_metrics(labels, run.labels, k, num_classes).items()})
         result.metrics[f"{prefix}_inertia"] = run.inertia
     if "coefficients" in test:
         result.metrics.update(evaluate_mixture(normalized, test["coefficients"], labels, k, max_iter, seed,
-                                               device=_local_device(device)))
+                                               device=_local_device(device), num_classes=num_classes))
     if "probabilities" in test:
-        result.metrics.update(head_metrics(test["probabilities"], labels))
+        result.metrics.update(head_metrics(test["probabilities"], labels, num_classes=num_classes))
     if train is not None:
+        probe_test = test if probe_test is None else probe_test
         result.metrics["linear_probe_acc"] = linear_probe_accuracy(train["representation"], train["label"],
-                                                                   test["representation"], labels)
+                                                                   probe_test["representation"], probe_test["label"])
     if plots:
         norm = result.kmeans["kmeans_norm"]
-        num_classes = int(labels.max()) + 1
         result.figures["accuracy_vs_inertia.png"] = accuracy_vs_inertia_figure(norm.inertias, norm.accuracies,
                                                                                norm.best)
-        result.figures["confusion.png"] = confusion_figure(*hungarian_match(labels, norm.labels), num_classes)
+        result.figures["confusion.png"] = confusion_figure(*hungarian_match(labels, norm.labels, k, num_classes),
+                                                           num_classes)
         result.figures["tsne.png"] = tsne_figure(normalized, labels, seed=seed)
         if "probabilities" in test:
             result.figures["cluster_sizes.png"] = cluster_sizes_figure(
@@ -139,26 +175,34 @@ def evaluate_checkpoint(
     plots: bool = True,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate a checkpoint: features of the test (and train) split to ``features_dir``
+    """Evaluate a checkpoint: features of the test and train splits to ``features_dir``
     (``test.parquet``, ``train.parquet``; reused when present), then :func:`evaluate_features`
-    with the raw-pixel baseline and the linear probe."""
+    on the run's ``eval.split`` (the test split, or ``all``: train + test, LSD-C Sec. 4) with
+    C = the dataset's number of classes, the raw-pixel baseline of the same images, and the
+    linear probe (train -> test)."""
     method, cfg, meta = method_from_checkpoint(read_checkpoint(checkpoint_dir))
     features_dir = Path(features_dir)
     local = _local_device(device)
     test, test_images = _features_for_split(method, meta, cfg, "test", features_dir, local, progress)
-    train, _ = _features_for_split(method, meta, cfg, "train", features_dir, local, progress)
+    train, train_images = _features_for_split(method, meta, cfg, "train", features_dir, local, progress)
     ev = cfg.eval
-    result = evaluate_features(test, k or meta.num_classes, n_init=n_init or ev.kmeans_n_init,
-                               max_iter=ev.kmeans_max_iter, seed=cfg.seed if seed is None else seed, tasks=tasks,
-                               device=device, train=train, pixels=test_images if ev.raw_pixels_baseline else None,
-                               plots=plots, progress=progress)
+    pixels = None
+    if ev.raw_pixels_baseline:
+        pixels = test_images if ev.split == "test" else np.concatenate([train_images, test_images])
+    result = evaluate_features(split_features(ev.split, test, train), k or meta.num_classes,
+                               n_init=n_init or ev.kmeans_n_init, max_iter=ev.kmeans_max_iter,
+                               seed=cfg.seed if seed is None else seed, tasks=tasks, device=device, train=train,
+                               probe_test=test, num_classes=meta.num_classes, pixels=pixels, plots=plots,
+                               progress=progress)
     result.feature_files = {s: features_dir / f"{s}.parquet" for s in ("test", "train")}
+    result.split = ev.split
     return result
 
 
 def log_evaluation(client: MlflowClient, run_id: str, result: EvalResult) -> None:
-    """Final metrics, plots under ``plots/`` and the test features under ``features/``."""
-    tracking.log_final(client, run_id, result.metrics)
+    """Final metrics (with the evaluated split as a tag), plots under ``plots/`` and the test
+    features under ``features/``."""
+    tracking.log_final(client, run_id, result.metrics, tags=result.tags)
     for name, figure in result.figures.items():
         client.log_figure(run_id, figure, f"plots/{name}")
     if "test" in result.feature_files:

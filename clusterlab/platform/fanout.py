@@ -70,6 +70,7 @@ def kmeans_fanout(
     k: int,
     n_init: int = 50,
     labels: np.ndarray | None = None,
+    num_classes: int | None = None,
     max_iter: int = 300,
     tol: float = 1e-4,
     seed: int = 0,
@@ -78,7 +79,8 @@ def kmeans_fanout(
     progress: bool = True,
 ) -> dict[str, FanoutResult]:
     """Cluster every feature variant (e.g. normalised / raw representation) with ``n_init``
-    initialisations spread over Ray tasks, all variants in flight at once."""
+    initialisations spread over Ray tasks, all variants in flight at once. With ``labels``,
+    every initialisation's ACC (K = ``k``, C = ``num_classes``; None: read off the labels)."""
     for name, x in variants.items():
         if not 2 <= k <= len(x):
             raise ValueError(f"k must be between 2 and the number of samples ({len(x)}) of {name!r}, got {k}")
@@ -104,14 +106,16 @@ def kmeans_fanout(
             name, chunk = pending[done[0]]
             parts[name][chunk] = ray.get(done[0])
             bar.update(1)
-    return {name: _merge([chunks[i] for i in sorted(chunks)], labels) for name, chunks in parts.items()}
+    return {name: _merge([chunks[i] for i in sorted(chunks)], k, labels, num_classes)
+            for name, chunks in parts.items()}
 
 
-def _merge(chunks: list[KMeansResult], labels: np.ndarray | None) -> FanoutResult:
+def _merge(chunks: list[KMeansResult], k: int, labels: np.ndarray | None, num_classes: int | None) -> FanoutResult:
     inertias = np.concatenate([c.inertias for c in chunks])
     all_labels = np.concatenate([c.all_labels for c in chunks])
     best_chunk = min(chunks, key=lambda c: c.inertia)
-    accuracies = None if labels is None else np.array([cluster_accuracy(labels, row) for row in all_labels])
+    accuracies = None if labels is None else np.array([cluster_accuracy(labels, row, k, num_classes)
+                                                       for row in all_labels])
     return FanoutResult(labels=best_chunk.labels, centroids=best_chunk.centroids, inertia=best_chunk.inertia,
                         inertias=inertias, accuracies=accuracies,
                         n_iters=np.concatenate([c.n_iters for c in chunks]))

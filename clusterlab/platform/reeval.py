@@ -3,8 +3,10 @@
 Each run is one Ray task (a GPU task when the cluster has GPUs) that downloads the run's
 checkpoint, extracts features and runs the K-means fan-out, then logs the metrics to the run
 under an evaluation-version prefix, ``eval/<version>/<metric>``, where the version spells out
-the evaluation options (``k10-n50-s0``: K, initialisations, seed). Plots go under
-``eval/<version>/plots/``. Nothing the run already holds is overwritten.
+the evaluation options (``k10-n50-s0``: K, initialisations, seed). The images scored are the
+run's own ``eval.split`` (from the checkpoint's config: the test split, or ``all`` = train +
+test, LSD-C Sec. 4), recorded in the version tag with ``eval/<version>/eval_images``. Plots go
+under ``eval/<version>/plots/``. Nothing the run already holds is overwritten.
 
 A run whose tag ``clusterlab.eval/<version>`` is set was already evaluated with these options
 and is skipped: re-running the same job is a no-op, and an interrupted job continues with the
@@ -65,13 +67,14 @@ def log_versioned(client: tracking.MlflowClient, run_id: str, result: EvalResult
     for name, figure in result.figures.items():
         client.log_figure(run_id, figure, f"{prefix}/plots/{name}")
     client.set_tag(run_id, EVAL_TAG_PREFIX + options.version,
-                   json.dumps({"n_init": options.n_init, "k": options.k, "seed": options.seed,
+                   json.dumps({"n_init": options.n_init, "k": options.k, "seed": options.seed, "split": result.split,
                                "at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
 
 
 def evaluate_run(client: tracking.MlflowClient, run_id: str, options: EvalOptions, device: str | None = None,
                  tasks: int | None = None, progress: bool = False) -> EvalResult:
-    """Download ``run_id``'s checkpoint, evaluate it and log the result under the version prefix."""
+    """Download ``run_id``'s checkpoint, evaluate it on its config's ``eval.split`` and log the
+    result under the version prefix."""
     work = Path(tempfile.mkdtemp(prefix=f"clusterlab-reeval-{run_id[:8]}-"))
     try:
         try:
