@@ -148,7 +148,14 @@ class LsdcConfig(StrictModel):
     label_space: Literal["features", "predictions"] = Field(
         "features", description="label on backbone features (the method) or on head logits (Table 4 ablation)")
     k: int = Field(20, ge=1, description="knn: neighbours")
-    threshold: float = Field(0.9, description="tau of cosine (similarity >), l2 (squared distance <) and sne (>)")
+    cosine_threshold: float = Field(
+        0.9, description="cosine: tau, connected when cos(f_i, f_j) > tau; supplementary Table 1: 0.9 CIFAR10, "
+                         "0.95 CIFAR100-20")
+    l2_threshold: float = Field(
+        1.0, description="l2: tau, connected when ||f_i - f_j||^2 < tau; no paper value (Sec. 4 grid-searched "
+                         "0..2 without reporting the best): 1.0, the middle of that range, is a placeholder to sweep")
+    sne_threshold: float = Field(
+        0.01, description="sne: tau, connected when (p_j|i + p_i|j) / 2 > tau; supplementary Table 1: 0.01")
     sne_temperature: float = Field(1.0, gt=0.0, description="sne: T of Eq. 1")
     composition: Literal["ricap", "mixup", "none"] = Field("ricap", description="data composition (Sec. 3.3)")
     composition_beta: float = Field(0.3, gt=0.0, description="Beta(b, b) of RICAP crop sizes / MixUp weight")
@@ -157,27 +164,45 @@ class LsdcConfig(StrictModel):
     train_from_block: int = Field(4, ge=1, le=5, description="first trained macro-block: 4 = last block + head "
                                                              "(supplementary Sec. 1), 5 = head only, 1 = all")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_shared_threshold(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "threshold" in data:
+            raise ValueError("unknown key 'threshold' (split per labelling): use cosine_threshold, l2_threshold "
+                             "or sne_threshold, e.g. lsdc.sne_threshold=0.01")
+        return data
+
+    @property
+    def threshold(self) -> float:
+        """tau of the selected ``labeling`` (kNN has none: it uses ``k``; this returns the cosine one)."""
+        return {"l2": self.l2_threshold, "sne": self.sne_threshold}.get(self.labeling, self.cosine_threshold)
+
 
 class ExcbConfig(StrictModel):
     """ExCB options (explicit cluster balancing; ExCB supplementary Sec. 2, Algorithms 1-2).
-    Temperatures and momenta default to DINO-style values: the main paper's table of them is
-    not in ../shared/papers, so sweep them (search_spaces/excb_*.yaml)."""
+    Where the supplementary gives no value (temperatures, momenta, crop counts), the defaults
+    are the released code's configs/main_config.yaml (ImageNet, ResNet-50); sweep them for small
+    datasets (search_spaces/excb_*.yaml)."""
 
     num_clusters: int | None = Field(None, ge=2, description="K; None = number of classes; more = over-clustering")
     global_crops: int = Field(2, ge=2, description="G global views (the teacher sees these)")
-    local_crops: int = Field(4, ge=0, description="L local views (student only)")
+    local_crops: int = Field(6, ge=0, description="L local views (student only); released main_config.yaml "
+                                                  "mini_crops: 6")
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
     local_size: int | None = Field(None, ge=4, description="local crop side; None = half the image (16 px at 32, 48 at 96)")
     projector_dim: int = Field(256, ge=2, description="output of the projector h (input of the centroid layer)")
-    student_temperature: float = Field(0.1, gt=0.0)
-    teacher_temperature: float = Field(0.05, gt=0.0)
-    teacher_momentum: float = Field(0.996, ge=0.0, le=1.0, description="EMA start, cosine schedule to 1")
-    size_momentum: float = Field(0.99, ge=0.0, lt=1.0, description="momentum of the relative cluster sizes s")
+    student_temperature: float = Field(0.1, gt=0.0, description="t_s; released main_config.yaml student_temp: 0.1")
+    teacher_temperature: float = Field(0.04, gt=0.0, description="t_t; released main_config.yaml teacher_temp: 0.04")
+    teacher_momentum: float = Field(0.996, ge=0.0, le=1.0, description="EMA start, cosine schedule to 1; released "
+                                                                       "main_config.yaml ema_momentum: 0.996")
+    size_momentum: float = Field(0.999, ge=0.0, lt=1.0, description="momentum of the relative cluster sizes s; "
+                                                                    "released main_config.yaml center_momentum: 0.999")
     balancing: bool = Field(True, description="apply B to the teacher's similarities (off: the ablation)")
     balance_above: Literal["linear", "inverse"] = Field(
         "linear", description="B for s > 1/K: linear to -1 at s = 1 (Sec. 2) or (1+z)/(sK) - 1 (Algorithm 1)")
-    boost_argmax: bool = Field(False, description="released-code option: keep the raw arg-max similarity")
+    boost_argmax: bool = Field(False, description="released-code option (criterion.py centering): multiply the "
+                                                  "balanced arg-max similarity by 1.01, then clamp to [-1, 1]")
     s_from: Literal["raw", "balanced"] = Field(
         "balanced", description="update s from the teacher's assignments after B (released code) or before it")
     centroid_init: Literal["kmeans", "random"] = Field(
@@ -335,8 +360,13 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
 
 #: Paper values per (method, dataset). MIX'EM supplementary 1.1-1.2: Adam, lr 1e-4 (STL10) /
 #: 5e-4 (CIFAR), cosine decay, batch 512, the SimCLR augmentation, blur 3x3 / 9x9; the base
-#: encoder is trained 600 epochs with embedding dim 256 (MIX'EM Sec. 4).
-_PAPER_BASE: dict[str, Any] = {"batch_size": 512, "epochs": 600, "optim": {"name": "adam", "schedule": "cosine"}}
+#: encoder is trained 600 epochs with embedding dim 256 (MIX'EM Sec. 4). The paper gives no
+#: weight decay and no blur probability: 1e-5 is the released config.yaml's weight_decay, and
+#: 0.5 the released data_aug/gaussian_blur.py's blur chance (also SimCLR's, the "[1]" whose
+#: augmentation supplementary 1.2 says it follows).
+_PAPER_BASE: dict[str, Any] = {"batch_size": 512, "epochs": 600,
+                               "optim": {"name": "adam", "schedule": "cosine", "weight_decay": 1e-5},
+                               "augment": {"blur_p": 0.5}}
 
 
 def _paper(dataset: str, protocol: str, lr: float) -> dict[str, Any]:
@@ -420,12 +450,16 @@ PRESETS.update({
     "rotnet_cifar100_20": _rotnet("cifar100_20", "train+test"),
     "rotnet_stl10": _rotnet("stl10", "train+unlabeled"),  # "all the data available" (LSD-C Sec. 4.1)
     # Table 1 rows; labelling = the best of Table 4 per dataset (kNN; SNE for STL10, whose row has no k).
+    # Every labelling of a row carries Table 1's values (cosine tau, SNE tau and T, k), so
+    # `lsdc.labeling=cosine` / `sne` on a preset is that Table 4 column.
     "lsdc_cifar10": _lsdc("cifar10", 220, [140, 180], 5, 100,
-                          {"labeling": "knn", "k": 20, "sne_temperature": 1.0}),
+                          {"labeling": "knn", "k": 20, "cosine_threshold": 0.9, "sne_threshold": 0.01,
+                           "sne_temperature": 1.0}),
     "lsdc_cifar100_20": _lsdc("cifar100_20", 200, [170], 25, 150,
-                              {"labeling": "knn", "k": 10, "sne_temperature": 0.5}),
+                              {"labeling": "knn", "k": 10, "cosine_threshold": 0.95, "sne_threshold": 0.01,
+                               "sne_temperature": 0.5}),
     "lsdc_stl10": _lsdc("stl10", 200, [140, 180], 5, 50,
-                        {"labeling": "sne", "threshold": 0.01, "sne_temperature": 0.5}),
+                        {"labeling": "sne", "sne_threshold": 0.01, "sne_temperature": 0.5}),
     # MNIST-like 28 px grey inputs as an ImageFolder tree (MNIST row: 15 epochs, kNN k = 10), on
     # the small CNN (the paper uses a VGG-4-like net for MNIST).
     "lsdc_mnist": deep_merge(_lsdc("imagefolder", 15, [], 5, 50, {"labeling": "knn", "k": 10}),
@@ -465,9 +499,10 @@ PRESETS.update({
         # Measured in-process (width 16, K = 30, 40 epochs): 3% of clusters empty at inference,
         # largest relative size 2.9, head ACC 0.54 (many-to-one Hungarian), against 47% empty
         # without B. K = 10: head ACC 0.46. About 12 steps per epoch, so the teacher and s
-        # follow faster than ImageNet's 0.996 / 0.999 would let them.
+        # follow faster than ImageNet's 0.996 / 0.999 would let them. Teacher temperature 0.05 (not
+        # the released 0.04 default): the value those measurements used.
         "excb": {"num_clusters": 30, "global_scale": (0.4, 1.0), "local_scale": (0.2, 0.5), "projector_dim": 64,
-                 "teacher_momentum": 0.99, "size_momentum": 0.9},
+                 "teacher_momentum": 0.99, "size_momentum": 0.9, "teacher_temperature": 0.05},
         "eval": {"kmeans_n_init": 20}}),
 })
 
@@ -578,12 +613,46 @@ def build_config(raw: Mapping[str, Any], source: str = "config") -> ExperimentCo
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+#: LSD-C supplementary Sec. 1: "we have to decrease the weight decay to 1e-4 to make MixUp work"
+#: (the presets use the main paper's 5e-4, tuned for RICAP).
+LSDC_MIXUP_WEIGHT_DECAY = 1e-4
+
+
+def lsdc_mixup_weight_decay(raw: dict[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
+    """Rule applied to the merged raw config (preset < file < overrides): an LSD-C run with
+    ``lsdc.composition = mixup`` gets ``optim.weight_decay`` = :data:`LSDC_MIXUP_WEIGHT_DECAY`
+    unless ``user`` (the YAML file and ``key=value`` overrides, merged) sets
+    ``optim.weight_decay`` itself. Other runs are returned unchanged."""
+    method = raw.get("method", ExperimentConfig.model_fields["method"].default)
+    lsdc = raw.get("lsdc") if isinstance(raw.get("lsdc"), Mapping) else {}
+    composition = lsdc.get("composition", LsdcConfig.model_fields["composition"].default)
+    user_optim = user.get("optim") if isinstance(user.get("optim"), Mapping) else {}
+    if method != "lsdc" or composition != "mixup" or "weight_decay" in user_optim:
+        return raw
+    return deep_merge(raw, {"optim": {"weight_decay": LSDC_MIXUP_WEIGHT_DECAY}})
+
+
+def build_stored_config(raw: Mapping[str, Any], source: str) -> ExperimentConfig:
+    """:func:`build_config` for a config stored by an earlier clusterlab (a checkpoint's), with
+    renamed fields carried over: the shared ``lsdc.threshold`` becomes the field of the
+    labelling it served (``cosine_threshold``, ``l2_threshold`` or ``sne_threshold``; kNN used none)."""
+    raw = copy.deepcopy(dict(raw))
+    lsdc = raw.get("lsdc")
+    if isinstance(lsdc, dict) and "threshold" in lsdc:
+        threshold = lsdc.pop("threshold")
+        labeling = lsdc.get("labeling", LsdcConfig.model_fields["labeling"].default)
+        if labeling != "knn":
+            lsdc.setdefault(f"{labeling}_threshold", threshold)
+    return build_config(raw, source)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     preset: str | None = None,
 ) -> ExperimentConfig:
-    """Build a config: defaults < preset < YAML file < ``key=value`` overrides.
+    """Build a config: defaults < preset < YAML file < ``key=value`` overrides, then
+    :func:`lsdc_mixup_weight_decay` (LSD-C with MixUp: weight decay 1e-4 unless set by the user).
 
     The preset is, in order: the ``preset`` argument, a ``preset:`` key in the YAML file, or
     ``<method>_<dataset>`` when such a preset exists for the method and dataset the file and
@@ -600,6 +669,7 @@ def load_config(
     elif preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
     raw = deep_merge(PRESETS[preset], user) if preset else user
+    raw = lsdc_mixup_weight_decay(raw, user)
     source = " + ".join(s for s in (f"preset {preset}" if preset else "", str(path or ""), "overrides" if overrides else "") if s)
     return build_config(raw, source or "defaults")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clusterlab.config import PRESETS, ConfigError, apply_overrides, flatten, load_config, parse_yaml
+from clusterlab.config import PRESETS, ConfigError, apply_overrides, build_config, flatten, load_config, parse_yaml
 
 
 def test_yaml_scientific_notation_is_a_number():
@@ -37,6 +37,60 @@ def test_paper_presets_follow_mixem_supplementary(dataset, lr, protocol):
     assert cfg.augment.crop_scale == (0.08, 1.0)
     assert cfg.augment.jitter == (0.8, 0.8, 0.8, 0.2)
     assert (cfg.augment.jitter_p, cfg.augment.grayscale_p, cfg.augment.hflip_p) == (0.8, 0.2, 0.5)
+    # Silent in the paper: the released config.yaml's weight decay and gaussian_blur.py's 50% blur.
+    assert cfg.optim.weight_decay == pytest.approx(1e-5) and cfg.augment.blur_p == 0.5
+
+
+@pytest.mark.parametrize(
+    ("preset", "cosine", "temperature", "k"),
+    [("lsdc_cifar10", 0.9, 1.0, 20), ("lsdc_cifar100_20", 0.95, 0.5, 10), ("lsdc_stl10", None, 0.5, None)],
+)
+def test_lsdc_presets_carry_supplementary_table_1_thresholds(preset, cosine, temperature, k):
+    opts = load_config(None, ["data.root=/data"], preset=preset).lsdc
+    assert opts.sne_threshold == 0.01 and opts.sne_temperature == temperature
+    if cosine is not None:
+        assert opts.cosine_threshold == cosine and opts.k == k
+    # `threshold` is the tau of the selected labelling.
+    for labeling, field in (("cosine", "cosine_threshold"), ("l2", "l2_threshold"), ("sne", "sne_threshold")):
+        assert opts.model_copy(update={"labeling": labeling}).threshold == getattr(opts, field)
+
+
+def test_the_old_shared_lsdc_threshold_names_the_new_fields(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("preset: lsdc_cifar10\ndata: {root: /data}\nlsdc: {labeling: sne, threshold: 0.01}\n")
+    for args in ((path, []), (None, ["data.root=/data", "lsdc.threshold=0.9"])):
+        with pytest.raises(ConfigError) as err:
+            load_config(*args, preset=None if args[0] else "lsdc_cifar10")
+        message = str(err.value)
+        assert "lsdc:" in message and "'threshold'" in message
+        assert all(f in message for f in ("cosine_threshold", "l2_threshold", "sne_threshold"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "weight_decay"),
+    [
+        (["lsdc.composition=mixup"], 1e-4),  # LSD-C supplementary Sec. 1: MixUp needs 1e-4
+        (["lsdc.composition=mixup", "optim.weight_decay=3e-4"], 3e-4),  # the user's value wins
+        (["optim.weight_decay=3e-4", "lsdc.composition=mixup"], 3e-4),
+        (["lsdc.composition=ricap"], 5e-4),  # the preset's (main paper Sec. 4)
+        ([], 5e-4),
+        (["lsdc.composition=none"], 5e-4),
+    ],
+)
+def test_lsdc_mixup_lowers_the_weight_decay_unless_the_user_sets_it(overrides, weight_decay):
+    cfg = load_config(None, ["data.root=/data", *overrides], preset="lsdc_cifar10")
+    assert cfg.optim.weight_decay == pytest.approx(weight_decay)
+
+
+def test_lsdc_mixup_weight_decay_from_a_file(tmp_path):
+    path = tmp_path / "mix.yaml"
+    path.write_text("preset: lsdc_cifar10\ndata: {root: /data}\nlsdc: {composition: mixup}\n")
+    assert load_config(path).optim.weight_decay == pytest.approx(1e-4)
+    path.write_text("preset: lsdc_cifar10\ndata: {root: /data}\nlsdc: {composition: mixup}\n"
+                    "optim: {weight_decay: 2e-4}\n")
+    assert load_config(path).optim.weight_decay == pytest.approx(2e-4)
+    # Other methods keep theirs even if their (unused) lsdc section says mixup.
+    assert load_config(None, ["lsdc.composition=mixup"], preset="simclr_digits").optim.weight_decay == pytest.approx(1e-6)
 
 
 @pytest.mark.parametrize(
@@ -104,3 +158,40 @@ def test_overrides_may_follow_the_options():
     with pytest.raises(SystemExit) as exc:
         parse_args(["sweep", "space.yaml", "--address", "auto", "--no-such-flag"])
     assert exc.value.code == 2
+
+
+def test_lsdc_presets_train_and_evaluate_on_the_whole_dataset():
+    """LSD-C Sec. 4: "we train and test the methods on the whole dataset"; its RotNet
+    pretraining stage is evaluated the same way. The other presets keep the test split."""
+    for name, raw in PRESETS.items():
+        overrides = [] if raw["data"]["name"] == "digits" else ["data.root=/data"]
+        cfg = load_config(None, overrides, preset=name)
+        if name.startswith("lsdc_"):
+            assert (cfg.data.protocol, cfg.eval.split) == ("train+test", "all"), name
+        elif name.startswith("rotnet_"):
+            assert cfg.eval.split == "all", name
+        else:
+            assert cfg.eval.split == "test", name
+    cfg = load_config(None, [], preset="rotnet_digits")
+    assert cfg.eval.kmeans_n_init == 20  # the preset's own eval keys survive the merge
+    assert flatten(load_config(None, ["eval.split=all"], preset="simclr_digits"))["eval.split"] == "all"
+    with pytest.raises(ConfigError, match="eval.split"):
+        load_config(None, ["eval.split=train"], preset="simclr_digits")
+
+
+@pytest.mark.parametrize("labeling,field", [("cosine", "cosine_threshold"), ("sne", "sne_threshold"),
+                                            ("l2", "l2_threshold"), ("knn", None)])
+def test_checkpoints_from_before_the_threshold_split_still_load(labeling, field):
+    """A checkpoint's stored config with the old shared lsdc.threshold keeps its meaning."""
+    from clusterlab.config import build_stored_config
+
+    stored = load_config(None, [f"lsdc.labeling={labeling}"], preset="lsdc_digits").model_dump(mode="json")
+    for name in ("cosine_threshold", "l2_threshold", "sne_threshold"):
+        del stored["lsdc"][name]
+    stored["lsdc"]["threshold"] = 0.42
+    cfg = build_stored_config(stored, "old checkpoint")
+    assert cfg.lsdc.labeling == labeling
+    if field is not None:
+        assert getattr(cfg.lsdc, field) == 0.42 and cfg.lsdc.threshold == 0.42
+    with pytest.raises(ConfigError, match="threshold"):
+        build_config(stored, "a user's config")  # only stored configs are carried over

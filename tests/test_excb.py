@@ -97,10 +97,37 @@ def test_loss_pairs_views_as_algorithm_1():
     assert float(loss_g) == pytest.approx(sum(ce(t, w) for t in range(2) for w in range(3)) / 6)
 
 
-def test_boost_keeps_the_raw_argmax_similarity():
-    raw = torch.tensor([[0.9, 0.1, -0.2]])
-    balanced = torch.tensor([[0.3, 0.5, 0.0]])
-    assert torch.allclose(boost_argmax(balanced, raw), torch.tensor([[0.9, 0.5, 0.0]]))
+def test_boost_is_the_released_x1_01_of_the_balanced_argmax_then_clamp():
+    # criterion.py `centering`: out * (1 + 0.01 one_hot(argmax out)), clamped to [-1, 1].
+    balanced = torch.tensor([[0.3, 0.5, 0.0],        # arg-max 0.5 -> 0.505
+                             [-0.5, -0.7, -0.9],     # negative arg-max -0.5 -> -0.505
+                             [0.995, 0.2, -1.0],     # 0.995 * 1.01 = 1.00495 -> clamps at 1
+                             [0.1, 0.2, 0.9999]])    # 1.009899 -> 1
+    expected = torch.tensor([[0.3, 0.505, 0.0],
+                             [-0.505, -0.7, -0.9],
+                             [1.0, 0.2, -1.0],
+                             [0.1, 0.2, 1.0]])
+    assert torch.allclose(boost_argmax(balanced), expected, atol=1e-6)
+
+
+def test_excb_defaults_are_the_released_config_and_digits_keeps_its_measured_values():
+    from clusterlab.config import ExcbConfig
+
+    # Released configs/main_config.yaml: teacher_temp 0.04, center_momentum 0.999, mini_crops 6.
+    d = ExcbConfig()
+    assert (d.teacher_temperature, d.size_momentum, d.local_crops, d.boost_argmax) == (0.04, 0.999, 6, False)
+    digits = load_config(None, [], preset="excb_digits").excb
+    assert (digits.teacher_temperature, digits.size_momentum, digits.local_crops) == (0.05, 0.9, 2)
+    crops = {p: load_config(None, ["data.root=/d"], preset=p).excb.local_crops
+             for p in ("excb_cifar10", "excb_cifar100_20", "excb_stl10")}
+    assert crops == {"excb_cifar10": 4, "excb_cifar100_20": 4, "excb_stl10": 6}
+
+
+def test_boost_option_runs_a_step():
+    torch.manual_seed(0)
+    method = _excb("excb.boost_argmax=true").train()
+    out = method(method.make_views(_digits_uint8(16)))
+    assert all(bool(torch.isfinite(t)) for t in out["terms"].values())
 
 
 def _excb(*overrides):

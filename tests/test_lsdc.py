@@ -154,7 +154,7 @@ def _method(preset, *overrides):
 
 @pytest.mark.parametrize("overrides", [(), ("lsdc.composition=mixup",), ("lsdc.composition=none",),
                                        ("lsdc.label_space=predictions", "lsdc.labeling=cosine"),
-                                       ("lsdc.labeling=sne", "lsdc.threshold=0.01")])
+                                       ("lsdc.labeling=sne", "lsdc.sne_threshold=0.01")])
 def test_lsdc_step_trains_only_the_last_block_and_head(overrides):
     torch.manual_seed(0)
     method = _method("lsdc_digits", *overrides).train()
@@ -193,8 +193,8 @@ def test_head_metrics_confident_accuracy_by_hand():
 
 def test_every_table4_column_is_a_config():
     """LSD-C Table 4: labelling (L2, cosine, kNN, SNE), prediction-space labelling, composition."""
-    columns = [("lsdc.labeling=l2", "lsdc.threshold=1.0"), ("lsdc.labeling=cosine", "lsdc.threshold=0.9"),
-               ("lsdc.labeling=knn",), ("lsdc.labeling=sne", "lsdc.threshold=0.01"),
+    columns = [("lsdc.labeling=l2", "lsdc.l2_threshold=1.0"), ("lsdc.labeling=cosine", "lsdc.cosine_threshold=0.9"),
+               ("lsdc.labeling=knn",), ("lsdc.labeling=sne", "lsdc.sne_threshold=0.01"),
                *[("lsdc.label_space=predictions", f"lsdc.labeling={kind}") for kind in ("cosine", "knn", "sne")],
                ("lsdc.composition=ricap",), ("lsdc.composition=mixup",), ("lsdc.composition=none",)]
     built = {tuple(sorted(load_config(None, ["data.root=/x", *column], preset="lsdc_cifar10").lsdc.model_dump().items()))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from clusterlab.config import ExperimentConfig, build_config
+from clusterlab.config import ExperimentConfig, build_stored_config
 from clusterlab.trainers.base import Method, build_method
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -87,7 +87,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def method_from_checkpoint(state: dict[str, Any]) -> tuple[Method, ExperimentConfig, DataMeta]:
     """Rebuild the trained method (in eval mode, on the CPU) from :func:`read_checkpoint`'s result."""
-    cfg = build_config(state["config"], source="checkpoint config")
+    cfg = build_stored_config(state["config"], source="checkpoint config")
     meta = DataMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["meta"].items()})
     method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
     method.load_state_dict(state["model"])

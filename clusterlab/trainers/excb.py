@@ -128,7 +128,7 @@ class ExCB(Method):
                                       self.teacher.centroids, detach_centroids=True)
             z_b = balance(z, self.cluster_sizes, opts.balance_above) if opts.balancing else z
             if opts.boost_argmax:
-                z_b = boost_argmax(z_b, z)
+                z_b = boost_argmax(z_b)
             assigned = (z if opts.s_from == "raw" else z_b).argmax(dim=1)
             sizes = batch_cluster_sizes(assigned, self.num_clusters)
             if self.training:
