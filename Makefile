@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-faults bench clean
+.PHONY: demo test test-faults reliability bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults
+
+# RELIABILITY.md from the rows the test runs recorded (.pytest_cache/clusterlab-reliability.json).
+reliability: $(STAMP)
+	$(BIN)/python tests/reliability_report.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/augment.py

@@ -1,14 +1,20 @@
-"""Pytest plugin: the reliability table in RELIABILITY.md is written by the test run itself.
+"""Pytest plugin + command: the reliability table in RELIABILITY.md comes from test runs.
 
 A test marked ``@pytest.mark.reliability(fault, checked)`` becomes a row (fault, what was
-checked, result); a test that checks several faults in sequence carries one marker per fault. Several tests with the same fault (e.g. the cases of a parametrized table)
-share one row whose result counts them. Rows of faults not exercised in this run keep their
-previous result and date, so running one test file never drops the others' rows.
+checked, result); a test that checks several faults in sequence carries one marker per fault.
+Several tests with the same fault (e.g. the cases of a parametrized table) share one row whose
+result counts them.
+
+A test run only records its rows in ``.pytest_cache/clusterlab-reliability.json`` (ignored by
+git, so ``make test`` leaves the checkout clean), merged with earlier runs' rows.
+``python tests/reliability_report.py`` (``make reliability``) writes RELIABILITY.md from them;
+rows of faults no recorded run exercised keep their previous result and date.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -17,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-REPORT = Path(__file__).resolve().parent.parent / "RELIABILITY.md"
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "RELIABILITY.md"
+RESULTS = ROOT / ".pytest_cache" / "clusterlab-reliability.json"
 HEADER = "| fault | what was checked | result | date |"
 _rows: dict[str, dict] = {}
 
@@ -70,28 +78,56 @@ def _previous_rows() -> dict[str, list[str]]:
     return rows
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _recorded() -> dict[str, dict]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Record this run's rows (with date, commit and machine) beside earlier runs' rows."""
     if not _rows or os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    today = datetime.date.today().isoformat()
-    rows = _previous_rows()
+    recorded = _recorded()
+    where = f"{_commit()}, {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
     for fault, row in _rows.items():
-        rows[_cell(fault)] = [_cell(fault), _cell(row["checked"]), _cell(_result(row)), today]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPORT.parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        commit = "unknown"
+        recorded[_cell(fault)] = {"checked": _cell(row["checked"]), "result": _cell(_result(row)),
+                                  "date": datetime.date.today().isoformat(), "where": where}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(recorded, indent=1))
+
+
+def write_report() -> str:
+    """RELIABILITY.md from the recorded rows (and the previous file's rows no run recorded)."""
+    recorded = _recorded()
+    if not recorded:
+        raise SystemExit(f"no recorded results in {RESULTS}: run `make test` and `make test-faults` first")
+    rows = _previous_rows()
+    for fault, row in recorded.items():
+        rows[fault] = [fault, row["checked"], row["result"], row["date"]]
+    runs = sorted({f"{row['date']} at commit {row['where']}" for row in recorded.values()})
     lines = [
         "# Reliability under faults and bad input",
         "",
-        "Written by the test run (`make test` and `make test-faults`; tests/reliability_report.py), "
-        "never by hand: each row is a test against real Ray and a real MLflow store. Last written on "
-        f"{today} at commit {commit}, {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs.",
+        "Written from the test runs (`make test` and `make test-faults` record each row; `make reliability` "
+        "writes this file; tests/reliability_report.py), never by hand: each row is a test against real Ray and "
+        f"a real MLflow store. Recorded on {'; '.join(runs)}.",
         "",
         HEADER,
         "|---|---|---|---|",
         *(f"| {' | '.join(cells)} |" for cells in rows.values()),
         "",
     ]
-    REPORT.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    REPORT.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    print(write_report())
