@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clusterlab import cli
 from clusterlab.data import datasets as ds
 from clusterlab.data.datasets import (
     DATASETS,
@@ -526,3 +527,285 @@ def test_image_array() -> None:
     # non-contiguous input is made C-contiguous
     t = ImageArray(np.ascontiguousarray(imgs.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2), np.zeros(5, np.int64))
     assert t.images.flags.c_contiguous
+
+
+# ------------------------------------------------------------ damaged files: exit 2, before Ray
+# Each case damages one file of an otherwise intact tiny dataset the way it has been seen
+# damaged, and expects `data check` and `train`'s preflight to refuse it with exit code 2 and
+# a message naming the file (not a traceback), before Ray starts or anything is written.
+
+
+def _cifar10_batch(root: Path, name: str) -> Path:
+    return root / "cifar-10-batches-py" / name
+
+
+def _rewrite(path: Path, **changes) -> Path:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry.update(changes)
+    _dump(path, entry)
+    return path
+
+
+def _cifar10_truncated(root: Path) -> Path:
+    p = _cifar10_batch(root, "data_batch_1")
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return p
+
+
+def _cifar10_text(root: Path) -> Path:
+    p = _cifar10_batch(root, "data_batch_1")
+    p.write_text("this is not a CIFAR batch\n" * 20)
+    return p
+
+
+def _cifar10_string_labels(root: Path) -> Path:
+    return _rewrite(_cifar10_batch(root, "data_batch_2"), labels=["cat", "dog", "cat", "dog"])
+
+
+def _cifar10_label_10(root: Path) -> Path:
+    return _rewrite(_cifar10_batch(root, "data_batch_3"), labels=[0, 1, 10, 2])
+
+
+def _cifar10_negative_test_label(root: Path) -> Path:
+    p = _cifar10_batch(root, "test_batch")
+    with open(p, "rb") as f:
+        labels = pickle.load(f, encoding="latin1")["labels"]
+    return _rewrite(p, labels=[-1, *labels[1:]])
+
+
+def _cifar10_short_rows(root: Path) -> Path:
+    return _rewrite(_cifar10_batch(root, "data_batch_4"), data=np.zeros((4, 3000), np.uint8))
+
+
+def _cifar10_float_rows(root: Path) -> Path:
+    return _rewrite(_cifar10_batch(root, "data_batch_5"), data=np.zeros((4, 3072), np.float32))
+
+
+def _cifar10_labels_count(root: Path) -> Path:
+    return _rewrite(_cifar10_batch(root, "data_batch_1"), labels=[1, 2, 3])
+
+
+def _cifar100_fine_100(root: Path) -> Path:
+    p = root / "cifar-100-python" / "train"
+    with open(p, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    fine = list(entry["fine_labels"])
+    fine[7] = 100
+    entry["fine_labels"] = fine
+    entry.pop("coarse_labels")
+    _dump(p, entry)
+    return p
+
+
+def _cifar100_coarse_20(root: Path) -> Path:
+    p = root / "cifar-100-python" / "test"
+    with open(p, "rb") as f:
+        coarse = pickle.load(f, encoding="latin1")["coarse_labels"]
+    return _rewrite(p, coarse_labels=[20, *coarse[1:]])
+
+
+def _cifar100_truncated_meta(root: Path) -> Path:
+    p = root / "cifar-100-python" / "meta"
+    p.write_bytes(p.read_bytes()[:30])
+    return p
+
+
+def _stl10_truncated_x(root: Path) -> Path:
+    p = root / "stl10_binary" / "train_X.bin"
+    p.write_bytes(p.read_bytes()[:-5])
+    return p
+
+
+def _stl10_short_y(root: Path) -> Path:
+    p = root / "stl10_binary" / "test_y.bin"
+    p.write_bytes(p.read_bytes()[:-1])
+    return p
+
+
+def _stl10_label_0(root: Path) -> Path:
+    p = root / "stl10_binary" / "train_y.bin"
+    y = bytearray(p.read_bytes())
+    y[3] = 0
+    p.write_bytes(bytes(y))
+    return p
+
+
+def _stl10_label_11(root: Path) -> Path:
+    p = root / "stl10_binary" / "test_y.bin"
+    y = bytearray(p.read_bytes())
+    y[0] = 11
+    p.write_bytes(bytes(y))
+    return p
+
+
+def _stl10_unlabeled_size(root: Path) -> Path:
+    p = root / "stl10_binary" / "unlabeled_X.bin"
+    p.write_bytes(p.read_bytes() + b"\0" * 100)
+    return p
+
+
+def _imagefolder_corrupt_png(root: Path) -> Path:
+    p = root / "train" / "dog" / "1.png"
+    b = bytearray(p.read_bytes())
+    b[60:70] = b"\xff" * 10  # inside the IDAT chunk: header intact, checksum and pixels broken
+    p.write_bytes(bytes(b))
+    return p
+
+
+def _imagefolder_not_an_image(root: Path) -> Path:
+    p = root / "test" / "cat" / "0.png"
+    p.write_text("not a png")
+    return p
+
+
+def _imagefolder_empty_class(root: Path) -> Path:
+    (root / "train" / "bird").mkdir()
+    return root / "train" / "bird"
+
+
+def _imagefolder_empty_test(root: Path) -> Path:
+    import shutil
+
+    for d in (root / "test").iterdir():
+        shutil.rmtree(d)
+    return root / "test"
+
+
+def _imagefolder_bomb(root: Path) -> Path:
+    """An image over twice PIL's pixel limit (the limit is lowered for the test, as a real bomb
+    would take gigabytes to decode)."""
+    from PIL import Image
+
+    p = root / "train" / "cat" / "big.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(p)
+    return p
+
+
+WRITERS = {
+    "cifar10": lambda root: write_cifar10(root, n_test=12),
+    "cifar100_20": lambda root: write_cifar100(root, n_test=30),
+    "stl10": lambda root: write_stl10(root, n_test=12),
+    "imagefolder": lambda root: write_imagefolder(root),
+}
+TRAIN_ARGS = {"imagefolder": ["data.image_size=10"]}
+
+DAMAGED = [
+    pytest.param("cifar10", _cifar10_truncated, "not a readable pickle", id="cifar10-truncated-pickle"),
+    pytest.param("cifar10", _cifar10_text, "not a readable pickle", id="cifar10-text-file"),
+    pytest.param("cifar10", _cifar10_string_labels, "must be a list of integers", id="cifar10-string-labels"),
+    pytest.param("cifar10", _cifar10_label_10, "must be in 0..9", id="cifar10-label-10"),
+    pytest.param("cifar10", _cifar10_negative_test_label, "must be in 0..9", id="cifar10-test-label-minus-1"),
+    pytest.param("cifar10", _cifar10_short_rows, "(N, 3072)", id="cifar10-rows-3000"),
+    pytest.param("cifar10", _cifar10_float_rows, "(N, 3072)", id="cifar10-float-data"),
+    pytest.param("cifar10", _cifar10_labels_count, "3 'labels' for 4 images", id="cifar10-label-count"),
+    pytest.param("cifar100_20", _cifar100_fine_100, "must be in 0..99", id="cifar100-fine-100"),
+    pytest.param("cifar100_20", _cifar100_coarse_20, "must be in 0..19", id="cifar100-coarse-20"),
+    pytest.param("cifar100_20", _cifar100_truncated_meta, "not a readable pickle", id="cifar100-truncated-meta"),
+    pytest.param("stl10", _stl10_truncated_x, "not a positive multiple of 27648", id="stl10-truncated-X"),
+    pytest.param("stl10", _stl10_short_y, "holds 12 images", id="stl10-y-one-short"),
+    pytest.param("stl10", _stl10_label_0, "must be 1..10", id="stl10-label-0"),
+    pytest.param("stl10", _stl10_label_11, "must be 1..10", id="stl10-label-11"),
+    pytest.param("stl10", _stl10_unlabeled_size, "not a positive multiple", id="stl10-unlabeled-size"),
+    pytest.param("imagefolder", _imagefolder_corrupt_png, "not a decodable image", id="imagefolder-corrupt-png"),
+    pytest.param("imagefolder", _imagefolder_not_an_image, "not a decodable image", id="imagefolder-text-as-png"),
+    pytest.param("imagefolder", _imagefolder_empty_class, "holds no images", id="imagefolder-empty-class"),
+    pytest.param("imagefolder", _imagefolder_empty_test, "holds no class directories", id="imagefolder-empty-test"),
+    pytest.param("imagefolder", _imagefolder_bomb, "decompression bomb", id="imagefolder-decompression-bomb"),
+]
+FIXES = {
+    "cifar10": "data.download=true", "cifar100_20": "data.download=true", "stl10": "data.download=true",
+    "imagefolder": "To fix it:",
+}
+
+
+class RayStarted(Exception):
+    pass
+
+
+@pytest.fixture()
+def ray_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every way `train` starts Ray is replaced by a recorder that aborts the command."""
+    import ray
+
+    from clusterlab.platform import train
+
+    calls: list[str] = []
+
+    def refuse(*args, **kwargs):
+        calls.append("ray")
+        raise RayStarted()
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(train, "init_ray", refuse)
+    return calls
+
+
+def _damage(name, damage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    root = tmp_path / "data"
+    WRITERS[name](root)
+    ds._VALIDATED.clear()
+    if damage is _imagefolder_bomb:
+        from PIL import Image
+
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 > 2 * 1000: DecompressionBombError
+    return root, damage(root)
+
+
+@pytest.mark.parametrize(("name", "damage", "what"), DAMAGED)
+def test_damaged_file_fails_data_check(name, damage, what, tmp_path, monkeypatch, capsys) -> None:
+    root, bad = _damage(name, damage, tmp_path, monkeypatch)
+    with pytest.raises(ds.DatasetFileDamagedError) as exc:
+        check_dataset(name, root, DATASETS[name].splits)
+    assert exc.value.path == bad and isinstance(exc.value, DatasetNotFoundError)
+    assert cli.main(["data", "check", name, "--data-root", str(root)]) == 2
+    out = capsys.readouterr()
+    assert str(bad) in out.err and what in out.err and FIXES[name] in out.err, out.err
+    assert "Traceback" not in out.err and "all files" not in out.out
+
+
+@pytest.mark.parametrize(("name", "damage", "what"), DAMAGED)
+def test_damaged_file_fails_train_before_ray(name, damage, what, tmp_path, monkeypatch, capsys, ray_guard,
+                                            tracking_uri) -> None:
+    root, bad = _damage(name, damage, tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    protocol = ["data.protocol=train+unlabeled"] if damage is _stl10_unlabeled_size else []
+    code = cli.main(["train", f"data.name={name}", "--data-root", str(root), "batch_size=4", "epochs=1",
+                     *TRAIN_ARGS.get(name, []), *protocol, f"storage_path={tmp_path / 'ray'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "data.root" in err and str(bad) in err and what in err, err
+    assert not ray_guard, "Ray was started"
+    assert not (tmp_path / "ray").exists()
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_intact_datasets_pass_data_check_and_preflight(name, tmp_path, monkeypatch, capsys, ray_guard,
+                                                       tracking_uri) -> None:
+    """Control: the same tiny datasets, intact, pass `data check` and get `train` as far as Ray."""
+    root = tmp_path / "data"
+    WRITERS[name](root)
+    ds._VALIDATED.clear()
+    assert cli.main(["data", "check", name, "--data-root", str(root)]) == 0
+    assert "all files present" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RayStarted):
+        cli.main(["train", f"data.name={name}", "--data-root", str(root), "batch_size=4", "epochs=1",
+                  *TRAIN_ARGS.get(name, []), f"storage_path={tmp_path / 'ray'}"])
+    assert ray_guard
+
+
+def test_data_checks_reuse_unchanged_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file validated once in a process is not parsed again while unchanged (preflight checks,
+    then build_splits checks again), and is re-checked once it changes."""
+    write_cifar10(tmp_path)
+    ds._VALIDATED.clear()
+    parsed: list[str] = []
+    real = ds._unpickle
+    monkeypatch.setattr(ds, "_unpickle", lambda p: parsed.append(p.name) or real(p))
+    check_dataset("cifar10", tmp_path, ["test"])
+    check_dataset("cifar10", tmp_path, ["test"])
+    assert sorted(parsed) == ["batches.meta", "test_batch"]
+    _cifar10_negative_test_label(tmp_path)
+    with pytest.raises(ds.DatasetFileDamagedError, match="test_batch"):
+        check_dataset("cifar10", tmp_path, ["test"])

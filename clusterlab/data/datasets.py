@@ -23,8 +23,10 @@ Datasets (keys of :data:`DATASETS`):
 * ``digits``       -- scikit-learn's bundled 8x8 digits (needs no files at all), the
   offline smoke-test dataset.
 
-Security note: the CIFAR files are Python pickles (as in torchvision); only load
-files from a source you trust.
+Security note: the CIFAR files are Python pickles (as in torchvision). They are read with
+a restricted unpickler (:class:`_CifarUnpickler`) that builds only what the real files hold
+(dicts, lists, strings, numbers and numpy arrays) and refuses any other global, so loading a
+file never runs code from it (:class:`DatasetFileRefusedError`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ __all__ = [
     "DatasetInfo",
     "DATASETS",
     "DatasetNotFoundError",
+    "DatasetFileRefusedError",
+    "DatasetFileDamagedError",
     "expected_files",
     "check_dataset",
     "load_split",
@@ -246,6 +250,48 @@ class DatasetNotFoundError(FileNotFoundError):
         self.missing: list[Path] = list(missing)
 
 
+class DatasetFileRefusedError(DatasetNotFoundError):
+    """A dataset file is present but refused unread: a pickle that asks for anything other
+    than what the real CIFAR files hold (it would run code if unpickled normally). A
+    :class:`DatasetNotFoundError`, so every place that turns an unusable dataset into a clear
+    error before training (the CLI's exit code 2, ``preflight``, the multi-node check)
+    handles it; ``missing`` is empty and ``path`` is the refused file."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class DatasetFileDamagedError(DatasetNotFoundError, ValueError):
+    """A dataset file (or directory) is present but its content is unusable: a truncated or
+    foreign pickle, a batch with the wrong array size, labels that are not integers or are out
+    of the dataset's range, an STL-10 ``.bin`` of the wrong size, an undecodable image, an
+    empty class directory, a decompression bomb. The message names ``path``, what is wrong
+    and how to fix it. A :class:`DatasetNotFoundError` (exit code 2, ``preflight``'s
+    ``data.root: ...``) and, for older callers, a ``ValueError``."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+# How to repair a damaged file of each dataset; {root} is the data root.
+_REPAIR: dict[str, str] = {
+    "cifar10": ("re-download CIFAR-10 (data.download=true, or `clusterlab data download cifar10 --data-root {root}`) "
+                "or restore the file from cifar-10-python.tar.gz"),
+    "cifar100_20": ("re-download CIFAR-100 (data.download=true, or `clusterlab data download cifar100_20 "
+                    "--data-root {root}`) or restore the file from cifar-100-python.tar.gz"),
+    "stl10": ("re-download STL-10 (data.download=true, or `clusterlab data download stl10 --data-root {root}`) "
+              "or restore the file from stl10_binary.tar.gz"),
+    "imagefolder": "replace it with an intact image or remove it from {root}",
+}
+
+
+def _damaged(name: str, root: Path, path: Path, what: str, fix: str | None = None) -> DatasetFileDamagedError:
+    fix = fix if fix is not None else _REPAIR[name].format(root=root)
+    return DatasetFileDamagedError(f"dataset {name!r}: {path} is damaged: {what}. To fix it: {fix}", path)
+
+
 def _info(name: str) -> DatasetInfo:
     try:
         return DATASETS[name]
@@ -316,9 +362,15 @@ def expected_files(name: str, data_root: str | Path | None, splits: Sequence[str
 def check_dataset(name: str, data_root: str | Path | None, splits: Sequence[str]) -> None:
     """Fail fast, before any training starts, if the requested splits are not on disk.
 
-    Only checks existence (cheap, reads nothing). Raises ValueError for an unknown
-    dataset or split (or a missing ``data_root`` for file-based datasets), and
-    :class:`DatasetNotFoundError` listing every missing path plus how to get it.
+    Checks existence, then content: CIFAR pickles are parsed once each with the restricted
+    unpickler (which runs no code from them) and their structure, ``data`` size (uint8
+    N x 3072) and label ranges checked; STL-10 ``.bin`` sizes and label bytes; every
+    ImageFolder class directory non-empty and every image verified by PIL. Raises ValueError
+    for an unknown dataset or split (or a missing ``data_root`` for file-based datasets),
+    :class:`DatasetNotFoundError` listing every missing path plus how to get it,
+    :class:`DatasetFileRefusedError` naming a refused pickle and
+    :class:`DatasetFileDamagedError` naming a damaged file, what is wrong and how to fix it.
+    Files unchanged since they passed in this process are not checked again.
     """
     info = _info(name)
     paths = expected_files(name, data_root, splits)
@@ -335,6 +387,56 @@ def check_dataset(name: str, data_root: str | Path | None, splits: Sequence[str]
             f"How to get it (ROOT = {root}): {info.how_to_get}",
             missing,
         )
+    root = _root(info, data_root)
+    assert root is not None or not paths
+    if info.name in ("cifar10", "cifar100_20"):
+        for path in paths:
+            _check_cifar_file(info, path)
+    elif info.name == "stl10":
+        for split in splits:
+            _stl10_sizes_and_labels(info, _split_files(info, root, split), split)
+    elif info.name == "imagefolder":
+        for split in splits:
+            _check_imagefolder_split(root, split)
+
+
+# Files (and ImageFolder split trees) already validated in this process, keyed by
+# (path, size, mtime) fingerprints, so that preflight's check and build_splits' own check (and a
+# second build_splits) do not parse or decode the same unchanged files again.
+_VALIDATED: set[tuple] = set()
+
+
+def _fingerprint(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _load_cifar_entry(info: DatasetInfo, path: Path):
+    """The parsed pickle; refused globals stay :class:`DatasetFileRefusedError`, anything else
+    that keeps it from parsing (truncated, not a pickle) is :class:`DatasetFileDamagedError`."""
+    try:
+        return _unpickle(path)
+    except (DatasetFileRefusedError, MemoryError):
+        raise
+    except Exception as exc:
+        raise _damaged(info.name, path.parent.parent, path,
+                       f"not a readable pickle ({type(exc).__name__}: {exc}); the file is truncated or is not "
+                       f"a {info.name} file") from None
+
+
+def _check_cifar_file(info: DatasetInfo, path: Path) -> None:
+    """Parse ``path`` once and check its structure, array sizes and labels."""
+    key = ("cifar", info.name, *_fingerprint(path))
+    if key in _VALIDATED:
+        return
+    entry = _load_cifar_entry(info, path)
+    if path.name in ("batches.meta", "meta"):
+        if not isinstance(entry, dict):
+            raise _damaged(info.name, path.parent.parent, path,
+                           f"not a CIFAR metadata file (expected a pickled dict, got {type(entry).__name__})")
+    else:
+        _cifar_batch(info, entry, path)
+    _VALIDATED.add(key)
 
 
 # -------------------------------------------------------------------------- readers
@@ -343,72 +445,178 @@ def check_dataset(name: str, data_root: str | Path | None, splits: Sequence[str]
 # copy, possibly resized or concatenated with other parts.
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for something :class:`_CifarUnpickler` does not build."""
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocol 2, and nothing else."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _RefusedGlobal(f"_codecs.encode with {encoding!r} (only str -> latin1 bytes is admitted)")
+    return text.encode("latin1")
+
+
+_NDARRAY_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's own, under either module name
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what the real CIFAR pickles hold: dicts, lists, strings, bytes, numbers and
+    numpy arrays. Every global a pickle names goes through :meth:`find_class`, which admits
+    just numpy's array reconstruction (``_reconstruct`` under its numpy 1 and numpy 2 module
+    names, ``ndarray``, ``dtype``) and a latin1-only ``_codecs.encode`` (how Python 3 writes
+    ``bytes`` at protocol 2); anything else (``os.system``, ``builtins.open``, ...) is refused
+    before it is called."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _NDARRAY_RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _NDARRAY_RECONSTRUCT,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+def _unpickle(path: Path):
+    """``path`` read with :class:`_CifarUnpickler`; a refused global raises :class:`DatasetFileRefusedError`."""
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as exc:
+        raise DatasetFileRefusedError(
+            f"{path}: refused unread: this pickle asks for {exc}, which a CIFAR file never holds (only dicts, lists, "
+            f"strings, numbers and numpy arrays are built); clusterlab never runs code from a dataset file. "
+            f"Replace it with the original file", path) from None
+
+
 def _load_pickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+    entry = _unpickle(path)
     if not isinstance(entry, dict) or "data" not in entry:
         raise ValueError(f"{path}: not a CIFAR batch (expected a pickled dict with 'data')")
     return entry
 
 
-def _cifar_images(entry: dict, path: Path) -> np.ndarray:
-    data = np.asarray(entry["data"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_ROW_BYTES:
-        raise ValueError(f"{path}: 'data' must be uint8 (N, {_CIFAR_ROW_BYTES}), got {data.dtype} {data.shape}")
+def _cifar_labels(info: DatasetInfo, entry: dict, path: Path, key: str, n: int, top: int) -> np.ndarray:
+    """``entry[key]`` as int64, checked: one integer per image, each in ``0..top``."""
+    if key not in entry:
+        raise _damaged(info.name, path.parent.parent, path, f"the batch has no {key!r} (one label per image)")
+    try:
+        labels = np.asarray(entry[key])
+    except Exception as exc:  # ragged nested lists and the like
+        raise _damaged(info.name, path.parent.parent, path, f"{key!r} is not a list of integers ({exc})") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        first = labels.ravel()[0].item() if labels.size else None
+        raise _damaged(info.name, path.parent.parent, path,
+                       f"{key!r} must be a list of integers 0..{top}, got {labels.dtype} values of shape "
+                       f"{labels.shape} (first: {first!r})")
+    if labels.shape[0] != n:
+        raise _damaged(info.name, path.parent.parent, path, f"{labels.shape[0]} {key!r} for {n} images")
+    bad = np.flatnonzero((labels < 0) | (labels > top))
+    if bad.size:
+        i = int(bad[0])
+        raise _damaged(info.name, path.parent.parent, path,
+                       f"{key!r} must be in 0..{top}, but {bad.size} label(s) are out of range (the first: "
+                       f"{labels[i]} for image {i})")
+    return labels.astype(np.int64, copy=False)
+
+
+def _cifar_batch(info: DatasetInfo, entry, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` and labels (CIFAR-100: the 20 superclasses) of a parsed batch,
+    after checking its structure, array size and label range; :class:`DatasetFileDamagedError`
+    naming ``path`` otherwise."""
+    root = path.parent.parent
+    label_key = "labels" if info.name == "cifar10" else "fine_labels"
+    if not isinstance(entry, dict) or "data" not in entry:
+        raise _damaged(info.name, root, path, f"not a CIFAR batch (expected a pickled dict with 'data' and "
+                                              f"{label_key!r}, got {type(entry).__name__})")
+    data = entry["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != _CIFAR_ROW_BYTES:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise _damaged(info.name, root, path,
+                       f"'data' must be a uint8 array (N, {_CIFAR_ROW_BYTES}), one 3x32x32 image per row, got {got}")
+    n = data.shape[0]
+    if n == 0:
+        raise _damaged(info.name, root, path, "the batch holds no images")
     # Each row: 1024 R, 1024 G, 1024 B, each 32x32 row-major.
-    return data.reshape(-1, 3, _CIFAR_SIZE, _CIFAR_SIZE)
+    imgs = data.reshape(-1, 3, _CIFAR_SIZE, _CIFAR_SIZE)
+    if info.name == "cifar10":
+        return imgs, _cifar_labels(info, entry, path, "labels", n, 9)
+    fine = _cifar_labels(info, entry, path, "fine_labels", n, len(CIFAR100_FINE_TO_COARSE) - 1)
+    coarse = np.asarray(CIFAR100_FINE_TO_COARSE, dtype=np.int64)[fine]
+    if "coarse_labels" in entry:
+        # Cross-check against the file's own superclasses: a mismatch means a
+        # corrupt/foreign file or a wrong mapping, either of which would silently
+        # poison every clustering metric.
+        stored = _cifar_labels(info, entry, path, "coarse_labels", n, 19)
+        if not np.array_equal(stored, coarse):
+            i = int(np.flatnonzero(stored != coarse)[0])
+            raise _damaged(info.name, root, path,
+                           f"'coarse_labels' disagree with the fine labels (CIFAR100_FINE_TO_COARSE): image {i} has "
+                           f"fine label {fine[i]} (superclass {coarse[i]}) but coarse label {stored[i]}")
+    return imgs, coarse
 
 
 def _read_cifar10(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    info = DATASETS["cifar10"]
     images, labels = [], []
     for path in files:
-        entry = _load_pickle(path)
-        imgs = _cifar_images(entry, path)
-        labs = np.asarray(entry["labels"], dtype=np.int64)
-        if labs.shape != (imgs.shape[0],):
-            raise ValueError(f"{path}: {labs.shape[0]} labels for {imgs.shape[0]} images")
+        imgs, labs = _cifar_batch(info, _load_cifar_entry(info, path), path)
         images.append(imgs)
         labels.append(labs)
     return np.concatenate(images) if len(images) > 1 else images[0], np.concatenate(labels)
 
 
 def _read_cifar100_20(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    entry = _load_pickle(path)
-    imgs = _cifar_images(entry, path)
-    fine = np.asarray(entry["fine_labels"], dtype=np.int64)
-    if fine.shape != (imgs.shape[0],):
-        raise ValueError(f"{path}: {fine.shape[0]} fine labels for {imgs.shape[0]} images")
-    if fine.size and (fine.min() < 0 or fine.max() >= len(CIFAR100_FINE_TO_COARSE)):
-        raise ValueError(f"{path}: fine labels outside 0..99")
-    coarse = np.asarray(CIFAR100_FINE_TO_COARSE, dtype=np.int64)[fine]
-    if "coarse_labels" in entry:
-        # Cross-check against the file's own superclasses: a mismatch means a
-        # corrupt/foreign file or a wrong mapping, either of which would silently
-        # poison every clustering metric.
-        stored = np.asarray(entry["coarse_labels"], dtype=np.int64)
-        if stored.shape != coarse.shape or not np.array_equal(stored, coarse):
-            raise ValueError(f"{path}: 'coarse_labels' disagree with CIFAR100_FINE_TO_COARSE")
-    return imgs, coarse
+    info = DATASETS["cifar100_20"]
+    return _cifar_batch(info, _load_cifar_entry(info, path), path)
+
+
+def _stl10_sizes_and_labels(info: DatasetInfo, files: list[Path], split: str) -> tuple[int, np.ndarray | None]:
+    """Image count of the split's ``X`` file (from its size) and its labels 0..9 (None for
+    ``unlabeled``), checked without reading the images: ``X`` must be a positive multiple of
+    3x96x96 bytes, ``y`` one byte 1..10 per image."""
+    x_path = files[0]
+    root = x_path.parent.parent
+    size = x_path.stat().st_size
+    if size == 0 or size % _STL10_IMAGE_BYTES:
+        raise _damaged(info.name, root, x_path,
+                       f"size {size} bytes is not a positive multiple of {_STL10_IMAGE_BYTES} (one 3x96x96 uint8 "
+                       f"image); the file is truncated or is not an STL-10 image file")
+    n = size // _STL10_IMAGE_BYTES
+    if split == "unlabeled":
+        return n, None
+    y_path = files[1]
+    y_size = y_path.stat().st_size
+    if y_size != n:
+        raise _damaged(info.name, root, y_path,
+                       f"{y_size} bytes (one label byte per image) but {x_path.name} holds {n} images ({size} bytes); "
+                       f"one of the two files is truncated or they come from different splits")
+    raw = np.fromfile(y_path, dtype=np.uint8)
+    bad = np.flatnonzero((raw < 1) | (raw > 10))
+    if bad.size:
+        i = int(bad[0])
+        raise _damaged(info.name, root, y_path,
+                       f"labels must be 1..10 (one byte per image), but {bad.size} label(s) are out of range (the "
+                       f"first: {raw[i]} for image {i})")
+    return n, raw.astype(np.int64) - 1
 
 
 def _read_stl10(files: list[Path], split: str) -> tuple[np.ndarray, np.ndarray]:
     x_path = files[0]
-    size = x_path.stat().st_size
-    if size == 0 or size % _STL10_IMAGE_BYTES:
-        raise ValueError(f"{x_path}: size {size} is not a positive multiple of {_STL10_IMAGE_BYTES} (3x96x96)")
+    n, labels = _stl10_sizes_and_labels(DATASETS["stl10"], files, split)
     # Memory-mapped: nothing is read until the caller copies, and the copy it makes
     # is the only in-memory one (the unlabeled split alone is 2.7 GB).
     raw = np.memmap(x_path, dtype=np.uint8, mode="r")
     # Stored column-major per channel, exactly as torchvision reads it.
     images = raw.reshape(-1, 3, _STL10_SIZE, _STL10_SIZE).transpose(0, 1, 3, 2)
-    n = images.shape[0]
-    if split == "unlabeled":
+    if labels is None:
         return images, np.full(n, -1, dtype=np.int64)
-    labels = np.fromfile(files[1], dtype=np.uint8).astype(np.int64) - 1
-    if labels.shape != (n,):
-        raise ValueError(f"{files[1]}: {labels.shape[0]} labels for {n} images in {x_path}")
-    if n and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{files[1]}: labels must be 1..10 on disk")
     return images, labels
 
 
@@ -417,6 +625,73 @@ def _imagefolder_classes(root: Path) -> list[str]:
 
     classes, _ = find_classes(str(root / "train"))
     return classes
+
+
+def _imagefolder_files(root: Path, split: str) -> dict[str, list[Path]]:
+    """``{class: image paths}`` of ``root/split``, enumerated as torchvision's ``ImageFolder``
+    does (class = sub-directory, images = files with its extensions, walked recursively);
+    an empty split or class directory is :class:`DatasetFileDamagedError`."""
+    import os
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    d = root / split
+    layout = f"arrange the images as {root}/{split}/<class>/<image> (extensions: {', '.join(IMG_EXTENSIONS)})"
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
+    if not classes:
+        raise _damaged("imagefolder", root, d, "it holds no class directories", layout)
+    out: dict[str, list[Path]] = {}
+    for cls in classes:
+        files = [Path(dirpath) / f
+                 for dirpath, _, fnames in sorted(os.walk(d / cls, followlinks=True))
+                 for f in sorted(fnames) if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+        if not files:
+            raise _damaged("imagefolder", root, d / cls, "the class directory holds no images",
+                           f"put its images in it or remove the empty directory; {layout}")
+        out[cls] = files
+    return out
+
+
+def _check_imagefolder_split(root: Path, split: str) -> None:
+    """Every class directory holds images, test classes exist in train, and every image opens
+    and passes ``PIL.Image.verify()`` (headers and, for PNG, chunk checksums) without exceeding
+    ``PIL.Image.MAX_IMAGE_PIXELS``. Cost: one open + verify per image (about 0.5 ms for a 32x32
+    PNG: 0.46 s for 1000), skipped when the split's file list, sizes and mtimes are unchanged since the last
+    check in this process."""
+    from PIL import Image
+
+    files = _imagefolder_files(root, split)
+    if split != "train" and (root / "train").is_dir():
+        train_classes = set(_imagefolder_classes(root))
+        extra = sorted(set(files) - train_classes)
+        if extra:
+            raise _damaged("imagefolder", root, root / split / extra[0],
+                           f"class folder(s) {extra} of {root / split} do not exist in {root / 'train'} "
+                           f"(classes: {sorted(train_classes)})",
+                           f"rename or remove them: test classes must be a subset of the train classes")
+    paths = [p for ps in files.values() for p in ps]
+    key = ("imagefolder", str(root / split), Image.MAX_IMAGE_PIXELS, hash(tuple(_fingerprint(p) for p in paths)))
+    if key in _VALIDATED:
+        return
+    for path in paths:
+        _verify_image(root, Path(path))
+    _VALIDATED.add(key)
+
+
+def _verify_image(root: Path, path: Path) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Image.DecompressionBombError as exc:
+        raise _damaged("imagefolder", root, path,
+                       f"refused as a decompression bomb ({exc}; PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})",
+                       f"replace it with a smaller image or remove it from {root}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _damaged("imagefolder", root, path, f"not a decodable image ({type(exc).__name__}: {exc})") from None
 
 
 def _read_imagefolder(root: Path, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -436,11 +711,19 @@ def _read_imagefolder(root: Path, split: str, image_size: int) -> tuple[np.ndarr
     images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
     for i, (path, target) in enumerate(folder.samples):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.BILINEAR)
-            images[i] = np.asarray(im).transpose(2, 0, 1)
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                images[i] = np.asarray(im).transpose(2, 0, 1)
+        except MemoryError:
+            raise
+        except Exception as exc:  # damage verify() does not see (e.g. a truncated JPEG body)
+            if isinstance(exc, Image.DecompressionBombError):
+                _verify_image(root, Path(path))
+            raise _damaged("imagefolder", root, Path(path),
+                           f"not a decodable image ({type(exc).__name__}: {exc})") from None
         labels[i] = to_train[target]
     return images, labels
 
