@@ -11,6 +11,7 @@ import sys
 from typing import Sequence
 
 from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, load_config
+from clusterlab.redact import redact_text, redact_uri
 
 OVERRIDES_HELP = "dotted key=value overrides, e.g. optim.lr=3e-4 data.name=cifar10 epochs=50"
 
@@ -68,7 +69,7 @@ def _print_metrics_table(columns: dict[str, dict[str, float]], rows: list[tuple[
 def _ui_hint(cfg: ExperimentConfig) -> str:
     from clusterlab.platform.tracking import resolve_tracking_uri
 
-    return f"mlflow ui --backend-store-uri {resolve_tracking_uri(cfg.tracking.uri)}   (or: clusterlab ui)"
+    return f"mlflow ui --backend-store-uri {redact_uri(resolve_tracking_uri(cfg.tracking.uri))}   (or: clusterlab ui)"
 
 
 RESULT_ROWS = [
@@ -254,7 +255,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
             "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl+C stops it", flush=True)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {redact_uri(uri)}); Ctrl+C stops it", flush=True)
     os.execv(sys.executable, argv)
     return 0  # not reached
 
@@ -415,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DatasetNotFoundError) as exc:
-        print(f"clusterlab: error: {exc}", file=sys.stderr)
+        print(f"clusterlab: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clusterlab: interrupted", file=sys.stderr)
@@ -425,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(exc, TrainingFailed):
             raise
-        print(f"clusterlab: error: {exc}", file=sys.stderr)  # already recorded as the run's failure_reason
+        print(f"clusterlab: error: {redact_text(str(exc))}", file=sys.stderr)  # recorded as the run's failure_reason
         return 1
 
 

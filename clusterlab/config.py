@@ -341,7 +341,10 @@ class ExperimentConfig(StrictModel):
         return self.run_name or f"{self.method}-{self.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML, credentials in its URIs masked (it is printed and logged)."""
+        from clusterlab.redact import redact_values
+
+        return yaml.safe_dump(redact_values(self.model_dump(mode="json")), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- presets
@@ -675,7 +678,9 @@ def load_config(
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:
-    """Dotted ``section.key -> value`` pairs, for MLflow params."""
+    """Dotted ``section.key -> value`` pairs, for MLflow params (credentials in URIs masked)."""
+    from clusterlab.redact import redact_uri
+
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -683,7 +688,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            flat[prefix] = str(value)
+            flat[prefix] = redact_uri(str(value))
 
     walk("", cfg.model_dump(mode="json"))
     return flat

@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 from clusterlab.config import ConfigError
+from clusterlab.redact import redact_uri
 
 SHARED_STORAGE_ENV = "CLUSTERLAB_SHARED_STORAGE"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -200,12 +201,12 @@ def tracking_problem(tracking_uri: str, node_count: int, reports: Sequence[NodeR
     if node_count <= 1:
         return None
     if is_file_store(tracking_uri):
-        return (f"tracking.uri: {tracking_uri} is a file-based MLflow store, and the Ray cluster has {node_count} "
-                "nodes: trials on other nodes cannot reach this file, and SQLite's file locking is not safe between "
+        return (f"tracking.uri: {redact_uri(tracking_uri)} is a file-based MLflow store, and the Ray cluster has "
+                f"{node_count} nodes: trials on other nodes cannot reach this file, and SQLite's file locking is not safe between "
                 f"hosts (concurrent writers lose writes). To run on a cluster, {SERVER_HINT}.")
     unreachable = [r for r in reports if r.tracking_error]
     if unreachable:
-        return (f"tracking.uri: the MLflow server {tracking_uri} does not answer from "
+        return (f"tracking.uri: the MLflow server {redact_uri(tracking_uri)} does not answer from "
                 + "; ".join(f"node {r.node_id[:12]} ({r.address}): {r.tracking_error}" for r in unreachable)
                 + ". Use an address every node can reach (not 127.0.0.1 / localhost on a real cluster) and check "
                   "the server's --host / --allowed-hosts.")
@@ -219,8 +220,8 @@ def storage_problem(location: str, node_count: int, reports: Sequence[NodeReport
     unshared = [r for r in reports if r.storage_error]
     if not unshared:
         return None
-    return (f"storage_path: {location} is a local directory, and the Ray cluster has {node_count} nodes: Ray Train "
-            "writes checkpoints there from every node and the driver reads them back, so it must be one filesystem "
+    return (f"storage_path: {redact_uri(location)} is a local directory, and the Ray cluster has {node_count} nodes: "
+            "Ray Train writes checkpoints there from every node and the driver reads them back, so it must be one filesystem "
             "shared by all nodes at the same path. It is not shared with "
             + "; ".join(f"node {r.node_id[:12]} ({r.address}): {r.storage_error}" for r in unshared)
             + ". Set storage_path to an s3:// or gs:// URI (MinIO and other S3-compatible stores: "

@@ -34,6 +34,7 @@ from clusterlab.platform.train import (
     storage_uri,
 )
 from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from clusterlab.redact import redact_text, redact_uri
 from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, trial_config
 from clusterlab.trainers import METHODS
 
@@ -214,8 +215,8 @@ def run_sweep(
         parent = client.create_run(experiment_id, run_name=name, tags={
             SWEEP_TAG: name, ROLE_TAG: "parent", "method": base_cfg.method, "dataset": base_cfg.data.name,
             "git_commit": tracking.git_commit(), tracking.OWNER_TAG: tracking.owner(),
-            **({"init_from": init_from} if init_from else {})}).info.run_id
-        client.log_text(parent, text, "search_space.yaml")
+            **({"init_from": redact_uri(init_from)} if init_from else {})}).info.run_id
+        client.log_text(parent, redact_text(text), "search_space.yaml")
         client.log_text(parent, base_cfg.to_yaml(), "base_config.yaml")
         client.log_param(parent, "trials", space.trial_count())
     else:

@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clusterlab.config import ConfigError, ExperimentConfig, flatten
+from clusterlab.redact import redact_text, redact_uri
 
 TRACKING_URI_ENV = "CLUSTERLAB_TRACKING_URI"
 RUN_NAME_TAG = "clusterlab.run_name"
@@ -50,6 +51,10 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if uri:
         return uri
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+# MLflow prints "View run ... at: <tracking URI>/#/..." when a run against a tracking server
+# ends, credentials in the URI included; end_run prints that line itself, redacted.
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def client_for(cfg: ExperimentConfig) -> MlflowClient:
@@ -240,7 +245,7 @@ class EpochLogger:
                         return
                     if not warned:
                         log.warning("tracking store unreachable (%s); epochs %d-%d stay queued and are retried",
-                                    str(exc).splitlines()[0][:200], batch[0][0], batch[-1][0])
+                                    redact_text(str(exc).splitlines()[0])[:200], batch[0][0], batch[-1][0])
                         warned = True
                     time.sleep(delay)
                     delay = min(2 * delay, self._max_backoff_s)
@@ -279,7 +284,7 @@ def reconcile(client: MlflowClient, experiments: list[str] | None = None, dry_ru
     missing = [n for n, e in zip(experiments or [], exps) if e is None]
     if missing:
         raise ConfigError(f"--experiment: no MLflow experiment named {', '.join(map(repr, missing))} in "
-                          f"{client.tracking_uri}")
+                          f"{redact_uri(client.tracking_uri)}")
     outcomes = []
     for exp in exps:
         for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=10000):

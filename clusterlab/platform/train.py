@@ -31,6 +31,7 @@ from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.loop import PermanentTrainingError, fit
+from clusterlab.redact import redact_text, redact_values
 from clusterlab.trainers.checkpoint import read_checkpoint, read_history
 
 # How long a finished (or failing) worker waits for queued metrics to reach the tracking store.
@@ -121,6 +122,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.init_from and cluster.is_uri(cfg.init_from):  # published under a storage URI by the driver
         local = cluster.download(cfg.init_from, Path(tempfile.mkdtemp(prefix="clusterlab-init-from-")))
         cfg = cfg.model_copy(update={"init_from": str(local)})
+    # The checkpoint records this config (checkpoint.pt, config.yaml): no credentials in it. The
+    # worker needs none of its URIs: Ray has storage_path, loop_config the tracking URI.
+    cfg = build_config(redact_values(cfg.model_dump(mode="json")), source="train_loop_config")
     session = RaySession(loop_config["run_id"], loop_config["tracking_uri"], cfg.resources.cpus_per_worker)
     try:
         fit(cfg, session)
@@ -317,8 +321,8 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
             failure = classify_failure(exc, run_name)
             if failure.permanent or attempts > retries:
                 raise failure from None
-            print(f"training run {run_name!r} failed ({failure}); restarting from its latest checkpoint "
-                  f"(retry {attempts} of resources.max_failures={res.max_failures})", flush=True)
+            print(f"training run {run_name!r} failed ({redact_text(str(failure))}); restarting from its latest "
+                  f"checkpoint (retry {attempts} of resources.max_failures={res.max_failures})", flush=True)
     if result.checkpoint is None:
         raise TrainingFailed("no checkpoint", f"training run {run_name!r} produced no checkpoint", permanent=True)
     if not cluster.is_uri(storage_uri(cfg)):
