@@ -129,12 +129,13 @@ def _eval_options(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoint, a checkpoint directory, or a features file."""
     import json
+    import math
     from pathlib import Path
 
     from clusterlab.eval.feature_files import read_features
     from clusterlab.platform import tracking
-    from clusterlab.platform.evaluate import evaluate_checkpoint, evaluate_features
-    from clusterlab.platform.reeval import evaluate_run
+    from clusterlab.platform.evaluate import check_evaluable, evaluate_checkpoint, evaluate_features
+    from clusterlab.platform.reeval import check_run, evaluate_run
     from clusterlab.platform.train import init_ray
     from clusterlab.trainers.checkpoint import read_checkpoint
 
@@ -146,11 +147,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if args.k is not None and args.k > len(test["label"]):
                 raise ConfigError(f"--k: {args.k} clusters cannot be formed from the {len(test['label'])} samples "
                                   f"of {args.features}; use --k <= {len(test['label'])}")
+            check_evaluable(test, args.k, str(args.features))
             init_ray(args.address)
             result = evaluate_features(test, args.k, n_init=args.n_init, seed=args.seed, tasks=args.tasks,
                                        device=args.device, train=train, plots=options.plots)
         elif args.run_id:
-            client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
+            client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
+            check_run(client, args.run_id)
             init_ray(args.address)
             result = evaluate_run(client, args.run_id, options, device=args.device, tasks=args.tasks, progress=True)
         else:
@@ -168,7 +171,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.run_id:
         print(f"logged to MLflow run {args.run_id} as eval/{options.version}/<metric>")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+        finite = {k: v if math.isfinite(v) else None for k, v in result.metrics.items()}  # valid JSON: null, not NaN
+        Path(args.json).write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))
         print(f"metrics written to {args.json}")
     if args.plots_dir and result.figures:
         Path(args.plots_dir).mkdir(parents=True, exist_ok=True)
@@ -228,7 +232,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     from clusterlab.platform import tracking
     from clusterlab.platform.heatmap import draw_heatmap
 
-    client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
+    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
     out = draw_heatmap(client, args.experiment, args.x, args.y, args.facet, args.metric, args.out)
     print(f"heatmap written to {out} and {out.with_suffix('.csv')}")
     return 0
@@ -238,7 +242,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     """``runs reconcile``: close the RUNNING runs whose process died."""
     from clusterlab.platform import tracking
 
-    client = tracking.MlflowClient(tracking.resolve_tracking_uri(args.tracking_uri))
+    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
     outcomes = tracking.reconcile(client, args.experiment, dry_run=args.dry_run)
     for o in outcomes:
         print(f"{o.experiment[:24]:<25}{o.run_name[:40]:<41}{o.run_id}  "

@@ -26,6 +26,11 @@ DatasetName = Literal["cifar10", "cifar100_20", "stl10", "imagefolder", "digits"
 Protocol = Literal["train", "train+test", "train+unlabeled"]
 
 
+#: names that become directories, MLflow filter literals and file names: no quotes, slashes or dots first
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+MAX_RUN_NAME = 100
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the field and how to fix it."""
 
@@ -308,8 +313,11 @@ class ExperimentConfig(StrictModel):
     @field_validator("run_name")
     @classmethod
     def _safe_run_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+        if v is not None and not re.fullmatch(SAFE_NAME, v):
             raise ValueError("use letters, digits, '_', '.', '-' only (it names a directory)")
+        if v is not None and len(v) > MAX_RUN_NAME:
+            raise ValueError(f"at most {MAX_RUN_NAME} characters (it names a directory, inside Ray's own longer "
+                             f"names), got {len(v)}")
         return v
 
     @model_validator(mode="after")

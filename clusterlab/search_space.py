@@ -37,6 +37,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from clusterlab.config import (
     PRESETS,
+    SAFE_NAME,
     ConfigError,
     ExperimentConfig,
     ResourcesConfig,
@@ -127,7 +128,7 @@ class TuneSettings(StrictModel):
 
 
 class SearchSpace(StrictModel):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str | None = Field(None, pattern=f"^{SAFE_NAME}$")
     base: str = Field(description="preset name or config YAML path")
     overrides: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Domain] = Field(min_length=1)

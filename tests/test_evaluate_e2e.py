@@ -71,7 +71,31 @@ def test_evaluate_bad_input_exits_2(tmp_path, capsys):
     unlabelled = tmp_path / "unlabelled.parquet"
     write_features(unlabelled, [{"index": np.arange(20), "label": np.full(20, -1), "representation": x}])
     assert cli.main(["evaluate", "--features", str(unlabelled)]) == 2
-    assert "no label" in capsys.readouterr().err
+    assert f"{unlabelled}: 20 of 20 rows have no label (-1)" in capsys.readouterr().err
+    one_class = tmp_path / "one_class.parquet"
+    write_features(one_class, [{"index": np.arange(20), "label": np.full(20, 3), "representation": x}])
+    assert cli.main(["evaluate", "--features", str(one_class)]) == 2
+    assert "every row has the label 3; clustering metrics need at least two classes" in capsys.readouterr().err
+    nan = tmp_path / "nan.parquet"
+    bad = x.copy()
+    bad[[2, 5, 7], 1] = np.nan
+    bad[9, 0] = np.inf
+    write_features(nan, [{"index": np.arange(20), "label": y, "representation": bad}])
+    assert cli.main(["evaluate", "--features", str(nan), "--json", str(tmp_path / "m.json")]) == 2
+    assert f"{nan}: column 'representation' has NaN or Inf in 4 of 20 rows" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_label_values_do_not_size_anything(ray_local, tmp_path):
+    """Labels 0, 10^6, 2 * 10^6 from a foreign features file: scored as three classes (the
+    confusion matrix and the Hungarian problem are 3 columns wide, not 2 * 10^6 + 1)."""
+    x, y = _blobs(n=300, k=3)
+    path = tmp_path / "sparse_labels.parquet"
+    write_features(path, [{"index": np.arange(len(x)), "label": y * 1_000_000, "representation": x}])
+    out_json = tmp_path / "metrics.json"
+    assert cli.main(["evaluate", "--features", str(path), "--n-init", "3", "--json", str(out_json)]) == 0
+    metrics = json.loads(out_json.read_text())
+    assert metrics["kmeans_raw_acc"] == pytest.approx(1.0) and metrics["eval_images"] == len(x)
 
 
 def test_linear_probe_and_mean_std():

@@ -97,3 +97,20 @@ def test_figures_are_not_kept_alive_by_pyplot():
         plots.cluster_sizes_figure(np.array([2.0, 1.0, 0.0, 1.0]))
         plots.accuracy_vs_inertia_figure(np.array([3.0, 2.0]), np.array([0.5, 0.6]), 1)
     assert len(plt.get_fignums()) == before
+
+
+def test_heatmap_default_file_stays_in_the_working_directory(sweep_store, tmp_path, monkeypatch):
+    """An experiment called ../../escape names a file here, not two directories up."""
+    client, _ = sweep_store
+    exp = client.get_experiment_by_name("hm")
+    client.rename_experiment(exp.experiment_id, "../../escape")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`clusterlab.role` = 'parent'")
+    client.set_tag(parent.info.run_id, "clusterlab.sweep", "../../escape")
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert cli.main(["heatmap", "--experiment", "../../escape", "--x", "lambda_3", "--y", "lambda_4",
+                     "--facet", "lambda_2", "--metric", "kmeans_mixinit_acc"]) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["_.._escape_kmeans_mixinit_acc_heatmap.csv",
+                                                     "_.._escape_kmeans_mixinit_acc_heatmap.png"]
+    assert not list(tmp_path.glob("*escape*")) and [p.name for p in (tmp_path / "a").iterdir()] == ["b"]

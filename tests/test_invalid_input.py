@@ -19,7 +19,10 @@ runs ``clusterlab.cli.main`` in-process on it and checks that the command
 Placeholders in the table (``{data}``, ``{ckpt}``, ``{configs}``, ``{spaces}``,
 ``{features}``, ``{tmp}``) are replaced by directories of ``tmp_path`` that the
 ``workspace`` fixture fills with tiny files: CIFAR-10 in torchvision's on-disk format, a
-garbage ``checkpoint.pt``, config and search-space YAML files, Parquet features.
+garbage ``checkpoint.pt``, config and search-space YAML files, Parquet features, and a
+``checkpoint.pt`` and a CIFAR-10 ``data_batch_1`` whose pickles would create ``PWNED`` in the
+working directory if anything unpickled them unrestricted (the check that the working
+directory stays empty catches that; tests/test_untrusted_files.py has the other routes).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from mlflow.tracking import MlflowClient
 
 from clusterlab import cli
 from test_datasets import write_cifar10
+from test_untrusted_files import write_payload_checkpoint, write_payload_cifar10
 
 # ----------------------------------------------------------------------- files
 
@@ -81,6 +85,8 @@ def workspace(tmp_path: Path) -> dict[str, str]:
     write_cifar10(dirs["data"] / "cifar10_6_test", per_batch=4, n_test=6)  # 10 classes, 6 test images
     (dirs["ckpt"] / "garbage").mkdir()
     (dirs["ckpt"] / "garbage" / "checkpoint.pt").write_bytes(GARBAGE)
+    write_payload_checkpoint(dirs["ckpt"] / "payload", "PWNED")  # relative: in the working directory
+    write_payload_cifar10(dirs["data"] / "cifar10_payload", "PWNED")
     for name, text in CONFIG_FILES.items():
         (dirs["configs"] / f"{name}.yaml").write_text(text)
     for name, text in SPACE_FILES.items():
@@ -92,6 +98,12 @@ def workspace(tmp_path: Path) -> dict[str, str]:
     write_features(dirs["features"] / "six_rows.parquet", [{
         "index": np.arange(6), "label": np.array([0, 1, 2, 0, 1, 2]),
         "representation": rng.normal(size=(6, 4)).astype(np.float32)}])
+    nan = rng.normal(size=(6, 4)).astype(np.float32)
+    nan[[1, 4], 2] = np.nan
+    write_features(dirs["features"] / "nan.parquet", [{
+        "index": np.arange(6), "label": np.array([0, 1, 2, 0, 1, 2]), "representation": nan}])
+    write_features(dirs["features"] / "one_class.parquet", [{
+        "index": np.arange(6), "label": np.ones(6, dtype=np.int64), "representation": np.abs(nan[:, :2]) + 1}])
     return {"tmp": str(tmp_path), **{name: str(d) for name, d in dirs.items()}}
 
 
@@ -149,6 +161,10 @@ CASES = [
     pytest.param(["train", "data.name=cifar10", "--data-root", "{data}/cifar10_6_test", "batch_size=8"],
                  ["data: 10 clusters cannot be formed from 6 test images"],
                  id="classes-above-test-images"),
+    pytest.param(["train", "data.name=cifar10", "--data-root", "{data}/cifar10_payload", "batch_size=8"],
+                 ["data.root", "{data}/cifar10_payload/cifar-10-batches-py/data_batch_1: refused unread",
+                  "never runs code from a dataset file"],
+                 id="dataset-pickle-with-code"),
     pytest.param(["train", "--preset", "excb_digits", "excb.num_clusters=5000"],
                  ["excb.num_clusters: K-means centroid initialisation needs at least K = 5000 images"],
                  id="excb-k-above-images"),
@@ -158,6 +174,9 @@ CASES = [
                  id="init-from-garbage-checkpoint-file"),
     pytest.param(["train", "init_from={ckpt}/garbage"], ["init_from", "{ckpt}/garbage/checkpoint.pt is unreadable"],
                  id="init-from-garbage-checkpoint-dir"),
+    pytest.param(["train", "init_from={ckpt}/payload"],
+                 ["init_from", "{ckpt}/payload/checkpoint.pt is unreadable", "never executes code from a checkpoint"],
+                 id="init-from-checkpoint-with-code"),
     pytest.param(["train", "init_from={tmp}/nowhere/checkpoint_000009"],
                  ["init_from", "{tmp}/nowhere/checkpoint_000009", "neither an existing checkpoint path"],
                  id="init-from-missing-path"),
@@ -202,6 +221,12 @@ CASES = [
                  id="sweep-init-from-garbage-checkpoint"),
     pytest.param(["sweep", "{spaces}/ok.yaml", "--resume"], ["--resume: no interrupted sweep named 'ok'"],
                  id="sweep-resume-without-sweep"),
+    pytest.param(["sweep", "{spaces}/ok.yaml", "--name", "it's"], ["sweep name \"it's\": use letters, digits"],
+                 id="sweep-name-with-a-quote"),
+    pytest.param(["sweep", "{spaces}/ok.yaml", "--name", "../../up"], ["sweep name '../../up': use letters"],
+                 id="sweep-name-with-a-path"),
+    pytest.param(["train", "--run-name", "r" * 101], ["run_name: at most 100 characters", "got 101"],
+                 id="run-name-too-long"),
     # --- evaluate: options and sources
     pytest.param(["evaluate", "--features", "{features}/six_rows.parquet", "--k", "1"], ["--k must be >= 2, got 1"],
                  id="evaluate-k-one"),
@@ -223,6 +248,18 @@ CASES = [
     pytest.param(["evaluate", "--checkpoint", "{ckpt}/garbage/checkpoint.pt"],
                  ["{ckpt}/garbage/checkpoint.pt is unreadable"],
                  id="evaluate-garbage-checkpoint"),
+    pytest.param(["evaluate", "--features", "{features}/nan.parquet"],
+                 ["{features}/nan.parquet: column 'representation' has NaN or Inf in 2 of 6 rows"],
+                 id="evaluate-features-with-nan"),
+    pytest.param(["evaluate", "--features", "{features}/one_class.parquet"],
+                 ["{features}/one_class.parquet: every row has the label 1"],
+                 id="evaluate-features-one-class"),
+    pytest.param(["evaluate", "--run-id", "0123456789abcdef0123456789abcdef"],
+                 ["--run-id: no MLflow run '0123456789abcdef0123456789abcdef'"],
+                 id="evaluate-unknown-run-id"),
+    pytest.param(["evaluate", "--checkpoint", "{ckpt}/payload"],
+                 ["{ckpt}/payload/checkpoint.pt is unreadable", "never executes code from a checkpoint"],
+                 id="evaluate-checkpoint-with-code"),
     pytest.param(["evaluate", "--checkpoint", "{ckpt}/missing"], ["no checkpoint at {ckpt}/missing"],
                  id="evaluate-missing-checkpoint"),
     # --- reeval
@@ -349,6 +386,22 @@ def test_the_guard_stops_valid_commands_at_ray(argv, workspace, ray_guard, isola
         MlflowClient(f"sqlite:///{Path(workspace['tracking']) / 'mlflow.db'}").create_experiment("anything")
     assert _run(argv, workspace, monkeypatch) is None and ray_guard
     assert _runs(Path(workspace["tracking"]) / "mlflow.db") == []
+
+
+def test_bad_filter_and_file_storage_are_refused_before_ray(workspace, ray_guard, isolated_mlflow, monkeypatch,
+                                                           capsys):
+    """Two refusals the table cannot express: reeval's --filter needs an existing experiment, and
+    the table's own storage_path override would win over a bad one."""
+    MlflowClient(f"sqlite:///{Path(workspace['tracking']) / 'mlflow.db'}").create_experiment("exists")
+    assert _run(["reeval", "--experiment", "exists", "--filter", "params.x = = 'y'"], workspace, monkeypatch) == 2
+    assert "--filter:" in capsys.readouterr().err
+    monkeypatch.setenv("CLUSTERLAB_TRACKING_URI", f"sqlite:///{workspace['tracking']}/mlflow.db")
+    monkeypatch.chdir(workspace["cwd"])
+    a_file = Path(workspace["tmp"]) / "a_file"
+    a_file.write_text("not a directory")
+    assert cli.main(["train", f"storage_path={a_file}/ray_results"]) == 2
+    assert f"storage_path: {a_file} is a file, not a directory" in capsys.readouterr().err
+    assert not ray_guard and _runs(Path(workspace["tracking"]) / "mlflow.db") == []
 
 
 def test_the_table_covers_every_command():

@@ -107,3 +107,9 @@ def test_default_concurrency_fits_driver_plus_workers_in_the_cluster(tmp_path):
     space, base, _ = load_search_space(_space(tmp_path, body.format(res="{num_workers: 1}",
                                                                     tune="tune: {max_concurrent_trials: 7}")))
     assert max_concurrent_trials(space, trial_config(base, {}), {"CPU": 2}) == 7  # the space's own limit wins
+
+
+@pytest.mark.parametrize("name", ["it's", "../up", ".hidden", "a b"])
+def test_sweep_names_that_would_break_filters_or_paths_are_refused(name, tracking_uri, capsys):
+    assert cli.main(["sweep", "search_spaces/mixem_loss_weights_digits.yaml", "--name", name]) == 2
+    assert f"sweep name {name!r}: use letters, digits" in capsys.readouterr().err

@@ -67,3 +67,39 @@ def test_reconcile_fails_only_runs_whose_owner_process_is_gone(tmp_path):
     assert client.get_run(finished).info.status == "FINISHED"
     with pytest.raises(ConfigError, match="--experiment: no MLflow experiment named 'typo'"):
         tracking.reconcile(client, ["typo"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_is_refused_naming_it(monkeypatch, tmp_path, capsys):
+    """Without the probe, MLflow's retries kept `clusterlab train` silent for ~4.5 minutes."""
+    from clusterlab import cli
+    from clusterlab.platform import train as train_module
+
+    monkeypatch.setenv("CLUSTERLAB_TRACKING_TIMEOUT", "2")
+    monkeypatch.setattr(train_module, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    uri = f"http://alice:pw@127.0.0.1:{_free_port()}"
+    code = cli.main(["train", "--preset", "simclr_digits", f"tracking.uri={uri}", f"storage_path={tmp_path / 'ray'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "tracking.uri: the MLflow server http://alice:***@127.0.0.1:" in err and "did not answer" in err
+    assert "CLUSTERLAB_TRACKING_TIMEOUT" in err and "pw@" not in err
+    assert not (tmp_path / "ray").exists()
+    for argv in (["heatmap", "--experiment", "x", "--x", "lambda_3", "--y", "lambda_4"],
+                 ["reeval", "--experiment", "x"], ["evaluate", "--run-id", "0" * 32]):
+        assert cli.main([*argv, "--tracking-uri", uri]) == 2, argv
+        assert "did not answer its /health within 2 s" in capsys.readouterr().err
+
+
+def test_failure_reason_is_plain_text(tracking_uri):
+    """Ray's ActorDiedError repr is full of colour codes; the tag keeps only the text."""
+    from clusterlab.platform.train import record_failure
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("ansi")).info.run_id
+    record_failure(client, run_id, RuntimeError("\x1b[36mray::RayTrainWorker\x1b[39m died \x1b[1;31m(OOM)\x1b[0m"))
+    assert client.get_run(run_id).data.tags["failure_reason"] == "RuntimeError: ray::RayTrainWorker died (OOM)"

@@ -70,6 +70,28 @@ def split_features(split: str, test: dict[str, np.ndarray], train: dict[str, np.
     raise ValueError(f"eval split must be 'test' or 'all', got {split!r}")
 
 
+def check_evaluable(features: dict[str, np.ndarray], k: int | None, source: str = "features") -> None:
+    """Refuse features that cannot be scored, naming the problem, before any work starts: rows
+    without a label (-1), fewer than two classes, K outside [2, N], and NaN / Inf values (a
+    diverged model's output), counted per column."""
+    labels = features["label"]
+    unlabelled = int((labels < 0).sum())
+    if unlabelled:
+        raise ValueError(f"{source}: {unlabelled} of {len(labels)} rows have no label (-1); clustering metrics need "
+                         "labels: drop those rows or evaluate a labelled split")
+    if len(np.unique(labels)) < 2:
+        raise ValueError(f"{source}: every row has the label {int(labels[0]) if len(labels) else '-'}; clustering "
+                         "metrics need at least two classes")
+    if k is not None and not 2 <= k <= len(labels):
+        raise ValueError(f"{source}: K must be between 2 and the number of samples ({len(labels)}), got {k}")
+    for name, values in features.items():
+        if values.dtype.kind == "f":
+            bad = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum())
+            if bad:
+                raise ValueError(f"{source}: column {name!r} has NaN or Inf in {bad} of {len(values)} rows (did "
+                                 "training diverge? check the run's train_loss); nothing was evaluated")
+
+
 def evaluate_features(
     test: dict[str, np.ndarray],
     k: int | None = None,
@@ -101,13 +123,12 @@ def evaluate_features(
     scored on ``probe_test``, default ``test``). ``device`` (``"cpu"`` /
     ``"cuda"``, default: GPUs when the Ray cluster has any) is where K-means runs.
     """
+    check_evaluable(test, k)
     labels = test["label"]
-    if (labels < 0).any():
-        raise ValueError(f"{int((labels < 0).sum())} test rows have no label (-1); metrics need a labelled split")
+    if num_classes is None:  # features from elsewhere: dense class ids, so nothing scales with label values
+        classes, labels = np.unique(labels, return_inverse=True)
+        num_classes = len(classes)
     k = k or len(np.unique(labels))
-    if not 2 <= k <= len(labels):
-        raise ValueError(f"K must be between 2 and the number of samples ({len(labels)}), got {k}")
-    num_classes = num_classes or int(labels.max()) + 1
     normalized = test["representation_l2"] if "representation_l2" in test else l2_normalize(test["representation"])
     variants = {"kmeans_norm": normalized, "kmeans_raw": test["representation"]}
     if pixels is not None:

@@ -8,6 +8,7 @@ failed is marked ``failed``, a grid point with no run ``missing``; neither is dr
 from __future__ import annotations
 
 import csv
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,8 @@ def draw_heatmap(client: MlflowClient, experiment: str, x: str, y: str, facet: s
     x, y = LAMBDA_ALIASES.get(x, x), LAMBDA_ALIASES.get(y, y)
     facet = LAMBDA_ALIASES.get(facet, facet) if facet else None
     cells, parent_id = sweep_cells(client, experiment, x, y, facet, metric)
-    out = Path(out or f"{experiment}_{metric}_heatmap.png")
+    # The default file stays in the working directory whatever the experiment is called ("../x").
+    out = Path(out or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{experiment}_{metric}_heatmap.png").lstrip("."))
     out.parent.mkdir(parents=True, exist_ok=True)
     names = {v: f"{k.replace('lambda_', 'λ')} ({v})" for k, v in LAMBDA_ALIASES.items()}
     figure = heatmap_figure(cells, names.get(x, x), names.get(y, y), names.get(facet, facet) if facet else None,

@@ -71,6 +71,15 @@ def log_versioned(client: tracking.MlflowClient, run_id: str, result: EvalResult
                                "at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
 
 
+def check_run(client: tracking.MlflowClient, run_id: str) -> None:
+    """Refuse an unknown run id before anything starts (ConfigError naming it)."""
+    try:
+        client.get_run(run_id)
+    except Exception:  # MlflowException (no such run) or a malformed id
+        raise ConfigError(f"--run-id: no MLflow run {run_id!r} in this tracking store; list runs with "
+                          "`clusterlab ui` or pass the id shown by `clusterlab train`") from None
+
+
 def evaluate_run(client: tracking.MlflowClient, run_id: str, options: EvalOptions, device: str | None = None,
                  tasks: int | None = None, progress: bool = False) -> EvalResult:
     """Download ``run_id``'s checkpoint, evaluate it on its config's ``eval.split`` and log the
@@ -107,17 +116,17 @@ def reevaluate_experiment(
     """Re-evaluate every finished run with a checkpoint in ``experiment`` (matching
     ``filter_string``, MLflow search syntax) as parallel Ray tasks on the cluster at
     ``address`` (default: a local Ray), started only once the experiment is found."""
-    client = tracking.MlflowClient(tracking_uri)
+    client = tracking.connect(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in {tracking_uri}")
-    init_ray(address)
-    cluster.check_cluster(None, tracking_uri)  # tasks on other nodes log to the store too
     query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
     try:
         runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=10000)
-    except Exception as exc:  # MlflowException: the filter does not parse
+    except Exception as exc:  # MlflowException: the filter does not parse (refused before Ray starts)
         raise ConfigError(f"--filter: {exc}") from None
+    init_ray(address)
+    cluster.check_cluster(None, tracking_uri)  # tasks on other nodes log to the store too
     runs = [r for r in runs if r.data.tags.get(ROLE_TAG) != "parent"]
     outcomes: list[ReevalOutcome] = []
     todo = []

@@ -13,11 +13,12 @@ and its MLflow child run carries the trial id, so nothing is logged twice.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clusterlab.config import ConfigError, ExperimentConfig, build_config
+from clusterlab.config import SAFE_NAME, ConfigError, ExperimentConfig, build_config
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.loop import NonFiniteLossError, TrainingOutOfMemoryError
 from clusterlab.platform.train import (
@@ -182,6 +183,9 @@ def run_sweep(
     """Validate the search space, run (or resume) the sweep on Ray Tune, record it in MLflow."""
     space, base, text = load_search_space(space_path, overrides or [])
     name = name or space.name or Path(space_path).stem
+    if not re.fullmatch(SAFE_NAME, name):
+        raise ConfigError(f"sweep name {name!r}: use letters, digits, '_', '.', '-' only, starting with a letter or "
+                          "digit (it names the MLflow experiment, MLflow search filters and a storage directory)")
     base.setdefault("tracking", {})["experiment"] = name
     base["storage_path"] = storage_uri(ExperimentConfig.model_validate(base))  # absolute: trials run elsewhere
     base_cfg = ExperimentConfig.model_validate(base)

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import psutil
@@ -39,8 +40,16 @@ NODE_TAG = "clusterlab.node_id"  # Ray node id of the rank-0 training worker (it
 NODE_IP_TAG = "clusterlab.node_ip"
 OWNER_TAG = "clusterlab.owner"  # "<host>/<pid>/<process start time>" of the process that ends the run
 FAILURE_TAG = "failure_reason"
+HEARTBEAT_TAG = "clusterlab.heartbeat"  # unix seconds, refreshed by the owner while the run is open
+LEASE_SECONDS = 120.0  # a run on another host whose heartbeat is older than this is taken as abandoned
+CLAIM_SETTLE_SECONDS = 1.0  # how long a new owner waits before checking that its claim held
+_leases: dict[str, threading.Event] = {}  # run id -> stops its heartbeat thread
 
 log = logging.getLogger(__name__)
+
+# MLflow prints "View run ... at: <tracking URI>/#/..." when a run against a tracking server
+# ends, credentials in the URI included; end_run prints that line itself, redacted.
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -52,15 +61,68 @@ def resolve_tracking_uri(uri: str | None) -> str:
         return uri
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
-# MLflow prints "View run ... at: <tracking URI>/#/..." when a run against a tracking server
-# ends, credentials in the URI included; end_run prints that line itself, redacted.
-os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+TRACKING_TIMEOUT_ENV = "CLUSTERLAB_TRACKING_TIMEOUT"
+DEFAULT_TRACKING_TIMEOUT = 30.0
+
+
+def check_reachable(uri: str, timeout: float | None = None) -> None:
+    """Refuse, within ``timeout`` seconds (default ``$CLUSTERLAB_TRACKING_TIMEOUT`` or 30), a
+    tracking server that does not answer its ``/health``: without this, MLflow's own retries
+    leave a command silent for minutes before a traceback. Only the start of a command waits
+    here; once running, logging keeps MLflow's and EpochLogger's retries for long outages.
+    File stores (SQLite, paths) are not probed."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests  # MLflow's own HTTP client library
+
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get(TRACKING_TIMEOUT_ENV, DEFAULT_TRACKING_TIMEOUT))
+        except ValueError:
+            raise ConfigError(f"{TRACKING_TIMEOUT_ENV}: expected seconds, got "
+                              f"{os.environ[TRACKING_TIMEOUT_ENV]!r}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer = requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, max(timeout, 0.1)))
+            if answer.ok:
+                return
+            problem = f"HTTP {answer.status_code}"
+        except requests.RequestException as exc:
+            problem = type(exc).__name__
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"tracking.uri: the MLflow server {redact_uri(uri)} did not answer its /health within {timeout:.0f} s "
+                f"({problem}); start it or fix tracking.uri / ${TRACKING_URI_ENV}, or set "
+                f"{TRACKING_TIMEOUT_ENV}=<seconds> to wait longer for a server that is restarting")
+        time.sleep(1.0)
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client for a command's driver, after :func:`check_reachable`. A SQLite store is
+    created (schema and migrations) under an exclusive file lock beside it: MLflow's creation
+    is not safe when two commands open a new store at once (the second failed with
+    "table _alembic_tmp_... already exists")."""
+    check_reachable(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    import fcntl
+
+    database = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # creates or migrates the store, one process at a time
+    return client
 
 
 def client_for(cfg: ExperimentConfig) -> MlflowClient:
     uri = resolve_tracking_uri(cfg.tracking.uri)
+    client = connect(uri)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    return client
 
 
 def git_commit() -> str:
@@ -77,10 +139,43 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name)
 
 
+def _runs_named(client: MlflowClient, exp_id: str, run_name: str) -> list:
+    """Every run started under this clusterlab run name, the first-created first (run names are
+    SAFE_NAME, so the filter literal needs no escaping)."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=100)
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
 def find_run(client: MlflowClient, exp_id: str, run_name: str) -> str | None:
     """The run previously started under this clusterlab run name, if any."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    runs = _runs_named(client, exp_id, run_name)
     return runs[0].info.run_id if runs else None
+
+
+def live_owner(run: Any) -> str | None:
+    """The owner of a RUNNING run that is still at work, or None: another process alive on this
+    host, or a process elsewhere whose heartbeat (:data:`HEARTBEAT_TAG`) is within the lease."""
+    tag = run.data.tags.get(OWNER_TAG, "")
+    if run.info.status != "RUNNING" or not tag or tag == owner():
+        return None
+    alive = _owner_alive(tag)
+    if alive is None:
+        try:
+            alive = time.time() - float(run.data.tags.get(HEARTBEAT_TAG, "0")) < LEASE_SECONDS
+        except ValueError:
+            alive = False
+    return tag if alive else None
+
+
+def check_run_name_free(client: MlflowClient, cfg: ExperimentConfig, run_name: str) -> None:
+    """Refuse (ConfigError) a run name whose run is being run by a live process; called before
+    Ray starts. :func:`start_run` checks again when it creates or claims the run."""
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    for run in _runs_named(client, exp.experiment_id, run_name) if exp else []:
+        holder = live_owner(run)
+        if holder:
+            raise ConfigError(f"run_name: {run_name!r} is being run by {holder} (MLflow run {run.info.run_id}); "
+                              "wait for it to end, or stop it and run `clusterlab runs reconcile`")
 
 
 def find_sweep_parent(client: MlflowClient, exp_id: str, sweep: str) -> str | None:
@@ -103,6 +198,10 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
     existing = find_run(client, exp_id, run_name)
     if existing:
         previous = client.get_run(existing)
+        holder = live_owner(previous)
+        if holder:
+            raise ValueError(f"{run_name!r} is being run by {holder} (MLflow run {existing}); wait for it to end, "
+                             "or stop it and run `clusterlab runs reconcile`")
         if previous.info.status == "FINISHED":
             raise ValueError(
                 f"run name {run_name!r} already finished (MLflow run {existing}); its results are kept as they "
@@ -116,6 +215,11 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
                 "choose another run_name to start a new run"
             )
         claim_run(client, existing)
+        time.sleep(CLAIM_SETTLE_SECONDS)  # two claims at once: the last owner tag written wins
+        holder = client.get_run(existing).data.tags.get(OWNER_TAG)
+        if holder != owner():
+            raise ValueError(f"{run_name!r} was claimed at the same time by {holder} (MLflow run {existing})")
+        _hold(client, existing)
         return existing, True
     tags = {
         RUN_NAME_TAG: run_name,
@@ -124,7 +228,8 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
         "protocol": cfg.data.protocol,
         "git_commit": git_commit(),
         OWNER_TAG: owner(),
-        **(extra_tags or {}),
+        HEARTBEAT_TAG: f"{time.time():.0f}",
+        **{k: redact_uri(v) for k, v in (extra_tags or {}).items()},  # e.g. init_from, maybe a URI
     }
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
@@ -132,6 +237,13 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    time.sleep(CLAIM_SETTLE_SECONDS)  # two creations at once: the first-created run wins
+    first = _runs_named(client, exp_id, run_name)[0]
+    if first.info.run_id != run_id:
+        client.delete_run(run_id)
+        raise ValueError(f"{run_name!r} was started at the same time by {first.data.tags.get(OWNER_TAG)} "
+                         f"(MLflow run {first.info.run_id})")
+    _hold(client, run_id)
     return run_id, False
 
 
@@ -144,6 +256,23 @@ def claim_run(client: MlflowClient, run_id: str) -> None:
     """Mark ``run_id`` RUNNING and owned by this process (a resumed run changes hands)."""
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, OWNER_TAG, owner())
+    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+
+
+def _hold(client: MlflowClient, run_id: str) -> None:
+    """Refresh the run's heartbeat in the background until :func:`end_run`, so that a process
+    on another host can tell that the run is at work (:func:`live_owner`)."""
+    stop = threading.Event()
+    _leases[run_id] = stop
+
+    def beat() -> None:
+        while not stop.wait(LEASE_SECONDS / 4):
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except Exception as exc:  # the store may be down for a while: the lease allows for missed beats
+                log.debug("heartbeat of run %s not sent: %s", run_id, exc)
+
+    threading.Thread(target=beat, name=f"clusterlab-lease-{run_id[:8]}", daemon=True).start()
 
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
@@ -312,4 +441,25 @@ def log_final(client: MlflowClient, run_id: str, metrics: dict[str, float], tags
 
 
 def end_run(client: MlflowClient, run_id: str, status: str) -> None:
+    lease = _leases.pop(run_id, None)
+    if lease is not None:
+        lease.set()
     client.set_terminated(run_id, status=status)
+    url = run_url(client, run_id)
+    if url:
+        print(f"🏃 View run at: {url}", flush=True)
+
+
+def run_url(client: MlflowClient, run_id: str) -> str | None:
+    """The run's page on an MLflow tracking server (what MLflow prints when a run ends, see
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT above), credentials masked; None for a local store,
+    or when the server cannot say which experiment the run is in."""
+    uri = client.tracking_uri
+    if not uri.lower().startswith(("http://", "https://")):
+        return None
+    try:
+        experiment = client.get_run(run_id).info.experiment_id
+    except Exception:  # a link is not worth failing a run for (the server went away meanwhile)
+        return None
+    base = redact_uri(uri).split("?", 1)[0].rstrip("/")
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"

@@ -142,8 +142,24 @@ def dataset_need(cfg: ExperimentConfig) -> cluster.DatasetNeed:
     return cfg.data.name, cfg.data.root, PROTOCOL_SPLITS[cfg.data.protocol]
 
 
+def check_local_storage(storage_path: str | None) -> None:
+    """A local ``storage_path`` must be a writable directory, or creatable in a writable one;
+    checked without creating anything (URIs are checked by Ray when it writes)."""
+    location = cluster.storage_location(storage_path)
+    path = cluster.local_path(location)
+    if path is None:
+        return
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"storage_path: {existing} is a file, not a directory; pass a directory for checkpoints")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage_path: {existing} is not writable by this user; pass a directory you can write "
+                          "(checkpoints and results go there)")
+
+
 def preflight(cfg: ExperimentConfig) -> dict[str, int]:
-    """Check data and sizes before anything expensive starts; raise ConfigError naming the field."""
+    """Check storage, data and sizes before anything expensive starts; raise ConfigError naming the field."""
+    check_local_storage(cfg.storage_path)
     splits_needed = PROTOCOL_SPLITS[cfg.data.protocol]
     try:
         if cfg.data.download:
@@ -340,6 +356,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
     run_name = cfg.resolved_run_name()
     cfg = cfg.model_copy(update={"run_name": run_name})
     client = tracking.client_for(cfg)
+    tracking.check_run_name_free(client, cfg, run_name)
     lineage: dict[str, str] = {}
     if cfg.init_from:
         lineage = {"init_from": cfg.init_from}
@@ -388,7 +405,12 @@ def record_and_evaluate(client: tracking.MlflowClient, cfg: ExperimentConfig, ru
     return evaluation.metrics
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour / cursor codes
+
+
 def record_failure(client: tracking.MlflowClient, run_id: str, exc: BaseException) -> None:
-    """Tag ``failure_reason`` as ``<category>: <message>`` (category e.g. ``non-finite loss``)."""
+    """Tag ``failure_reason`` as ``<category>: <message>`` (category e.g. ``non-finite loss``),
+    plain text: Ray's error reprs carry terminal colour codes, which the MLflow UI shows raw."""
     reason = exc.reason if isinstance(exc, TrainingFailed) else type(exc).__name__
-    client.set_tag(run_id, tracking.FAILURE_TAG, f"{reason}: {str(exc)[:4000]}")
+    message = ANSI_ESCAPE.sub("", f"{reason}: {exc}")[:4000]
+    client.set_tag(run_id, tracking.FAILURE_TAG, redact_text(message))
