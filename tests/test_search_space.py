@@ -113,3 +113,17 @@ def test_default_concurrency_fits_driver_plus_workers_in_the_cluster(tmp_path):
 def test_sweep_names_that_would_break_filters_or_paths_are_refused(name, tracking_uri, capsys):
     assert cli.main(["sweep", "search_spaces/mixem_loss_weights_digits.yaml", "--name", name]) == 2
     assert f"sweep name {name!r}: use letters, digits" in capsys.readouterr().err
+
+
+def test_a_searched_mixup_composition_gets_lsdc_mixup_weight_decay(tmp_path):
+    """LSD-C supplementary Sec. 1 (MixUp needs weight decay 1e-4) holds for sweep trials too,
+    unless the space sets the weight decay itself."""
+    path = tmp_path / "space.yaml"
+    path.write_text("base: lsdc_digits\nsearch:\n  lsdc.composition: {grid: [ricap, mixup]}\n")
+    _, base, _ = load_search_space(path)
+    assert trial_config(base, {"lsdc.composition": "mixup"}).optim.weight_decay == pytest.approx(1e-4)
+    assert trial_config(base, {"lsdc.composition": "ricap"}).optim.weight_decay == pytest.approx(5e-4)
+    path.write_text("base: lsdc_digits\noverrides: {optim.weight_decay: 3e-4}\n"
+                    "search:\n  lsdc.composition: {grid: [ricap, mixup]}\n")
+    _, base, _ = load_search_space(path)
+    assert trial_config(base, {"lsdc.composition": "mixup"}).optim.weight_decay == pytest.approx(3e-4)
