@@ -271,7 +271,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "download":
         download_dataset(args.name, args.data_root)
     check_dataset(args.name, args.data_root, info.splits)
-    print(f"{args.name}: all files present under {args.data_root or '(bundled)'}")
+    print(f"{args.name}: all files present and intact (sizes, labels, images decoded) under "
+          f"{args.data_root or '(bundled)'}")
     return 0
 
 

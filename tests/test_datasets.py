@@ -787,7 +787,7 @@ def test_intact_datasets_pass_data_check_and_preflight(name, tmp_path, monkeypat
     WRITERS[name](root)
     ds._VALIDATED.clear()
     assert cli.main(["data", "check", name, "--data-root", str(root)]) == 0
-    assert "all files present" in capsys.readouterr().out
+    assert "all files present and intact" in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RayStarted):
         cli.main(["train", f"data.name={name}", "--data-root", str(root), "batch_size=4", "epochs=1",
