@@ -51,11 +51,17 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(config, overrides, preset=args.preset)
 
 
-def _print_metrics_table(columns: dict[str, dict[str, float]], rows: list[tuple[str, str]]) -> None:
+#: the results table's title per eval.split (what was clustered and scored)
+EVALUATED = {"test": "clustering of the test split", "all": "clustering of all labelled images", None: "clustering"}
+
+
+def _print_metrics_table(columns: dict[str, dict[str, float]], rows: list[tuple[str, str]],
+                         split: str | None = "test") -> None:
     """One line per (label, metric prefix) that some column has, ACC / NMI / ARI for each
-    column; '-' where a column lacks it."""
+    column; '-' where a column lacks it. ``split``: the ``eval.split`` evaluated (None: unknown,
+    e.g. a features file)."""
     header = "".join(f"{name + ' ACC/NMI/ARI':>26}" for name in columns)
-    print(f"\n{'clustering of the test split':<40}{header}")
+    print(f"\n{EVALUATED[split]:<40}{header}")
     for label, prefix in rows:
         if not any(f"{prefix}_acc" in metrics for metrics in columns.values()):
             continue  # a reading this method does not have
@@ -92,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, address=args.address)
     print(f"\nrun {result.run_name} (MLflow run {result.run_id}) finished; checkpoint: {result.checkpoint_dir}")
     if result.metrics:
-        _print_metrics_table({cfg.method: result.metrics}, RESULT_ROWS)
+        _print_metrics_table({cfg.method: result.metrics}, RESULT_ROWS, cfg.eval.split)
     print(f"\nopen the MLflow UI: {_ui_hint(cfg)}")
     return 0
 
@@ -165,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                          device=args.device, seed=args.seed, plots=options.plots)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-    _print_metrics_table({"evaluation": result.metrics}, RESULT_ROWS)
+    _print_metrics_table({"evaluation": result.metrics}, RESULT_ROWS, result.split)
     if "linear_probe_acc" in result.metrics:
         print(f"{'linear probe (train -> test)':<40}{result.metrics['linear_probe_acc']:>10.3f}")
     if args.run_id:
@@ -218,7 +224,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"best trial (MLflow run {result.best_run_id}):")
         for key, value in result.best_params.items():
             print(f"  {key} = {value}")
-        _print_metrics_table({"best trial": result.best_metrics}, RESULT_ROWS)
+        _print_metrics_table({"best trial": result.best_metrics}, RESULT_ROWS, split=None)
         for key in ("val_loss", "linear_probe_acc"):
             if key in result.best_metrics:
                 print(f"{key:<40}{result.best_metrics[key]:>10.4f}")
