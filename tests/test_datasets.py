@@ -12,6 +12,7 @@ from __future__ import annotations
 import pickle
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -623,20 +624,17 @@ def _stl10_short_y(root: Path) -> Path:
     return p
 
 
-def _stl10_label_0(root: Path) -> Path:
-    p = root / "stl10_binary" / "train_y.bin"
-    y = bytearray(p.read_bytes())
-    y[3] = 0
-    p.write_bytes(bytes(y))
-    return p
+def _stl10_label(file: str, index: int, value: int) -> Callable[[Path], Path]:
+    """Damage: label byte ``index`` of ``file`` set to ``value`` (STL-10 labels are 1..10)."""
 
+    def damage(root: Path) -> Path:
+        p = root / "stl10_binary" / file
+        y = bytearray(p.read_bytes())
+        y[index] = value
+        p.write_bytes(bytes(y))
+        return p
 
-def _stl10_label_11(root: Path) -> Path:
-    p = root / "stl10_binary" / "test_y.bin"
-    y = bytearray(p.read_bytes())
-    y[0] = 11
-    p.write_bytes(bytes(y))
-    return p
+    return damage
 
 
 def _stl10_unlabeled_size(root: Path) -> Path:
@@ -704,8 +702,8 @@ DAMAGED = [
     pytest.param("cifar100_20", _cifar100_truncated_meta, "not a readable pickle", id="cifar100-truncated-meta"),
     pytest.param("stl10", _stl10_truncated_x, "not a positive multiple of 27648", id="stl10-truncated-X"),
     pytest.param("stl10", _stl10_short_y, "holds 12 images", id="stl10-y-one-short"),
-    pytest.param("stl10", _stl10_label_0, "must be 1..10", id="stl10-label-0"),
-    pytest.param("stl10", _stl10_label_11, "must be 1..10", id="stl10-label-11"),
+    pytest.param("stl10", _stl10_label("train_y.bin", 3, 0), "must be 1..10", id="stl10-label-0"),
+    pytest.param("stl10", _stl10_label("test_y.bin", 0, 11), "must be 1..10", id="stl10-label-11"),
     pytest.param("stl10", _stl10_unlabeled_size, "not a positive multiple", id="stl10-unlabeled-size"),
     pytest.param("imagefolder", _imagefolder_corrupt_png, "not a decodable image", id="imagefolder-corrupt-png"),
     pytest.param("imagefolder", _imagefolder_not_an_image, "not a decodable image", id="imagefolder-text-as-png"),
