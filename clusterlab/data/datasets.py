@@ -250,29 +250,29 @@ class DatasetNotFoundError(FileNotFoundError):
         self.missing: list[Path] = list(missing)
 
 
-class DatasetFileRefusedError(DatasetNotFoundError):
+class _DatasetFileError(DatasetNotFoundError):
+    """A dataset file that is present but unusable; ``path`` is that file."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class DatasetFileRefusedError(_DatasetFileError):
     """A dataset file is present but refused unread: a pickle that asks for anything other
     than what the real CIFAR files hold (it would run code if unpickled normally). A
     :class:`DatasetNotFoundError`, so every place that turns an unusable dataset into a clear
     error before training (the CLI's exit code 2, ``preflight``, the multi-node check)
     handles it; ``missing`` is empty and ``path`` is the refused file."""
 
-    def __init__(self, message: str, path: Path) -> None:
-        super().__init__(message)
-        self.path = path
 
-
-class DatasetFileDamagedError(DatasetNotFoundError, ValueError):
+class DatasetFileDamagedError(_DatasetFileError, ValueError):
     """A dataset file (or directory) is present but its content is unusable: a truncated or
     foreign pickle, a batch with the wrong array size, labels that are not integers or are out
     of the dataset's range, an STL-10 ``.bin`` of the wrong size, an undecodable image, an
     empty class directory, a decompression bomb. The message names ``path``, what is wrong
     and how to fix it. A :class:`DatasetNotFoundError` (exit code 2, ``preflight``'s
     ``data.root: ...``) and, for older callers, a ``ValueError``."""
-
-    def __init__(self, message: str, path: Path) -> None:
-        super().__init__(message)
-        self.path = path
 
 
 # How to repair a damaged file of each dataset; {root} is the data root.

@@ -110,9 +110,10 @@ def evaluate_features(
 ) -> EvalResult:
     """Cluster the evaluated features ``test`` (the test split, or train + test with
     ``eval.split: all``) into K = ``k`` clusters (default: the number of distinct labels) and
-    score them against C = ``num_classes`` classes (default: the largest label + 1; pass the
-    dataset's class count where it is known, so that a split lacking a class is still
-    matched one-to-one when K = C).
+    score them against C = ``num_classes`` classes: the dataset's class count where it is known,
+    so that a split lacking a class is still matched one-to-one when K = C; without it (features
+    from elsewhere) the labels are renumbered 0..C-1 over the distinct labels present, so that
+    nothing is sized by label values.
 
     Metrics: ``eval_images`` (how many images were clustered and scored),
     ``kmeans_norm_*`` (L2-normalised representation, MIX'EM Table 1 row 2),

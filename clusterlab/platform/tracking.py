@@ -167,15 +167,23 @@ def live_owner(run: Any) -> str | None:
     return tag if alive else None
 
 
+def _refuse_live_owner(run: Any, run_name: str) -> None:
+    """ValueError when ``run`` is held by a live process (:func:`live_owner`)."""
+    holder = live_owner(run)
+    if holder:
+        raise ValueError(f"{run_name!r} is being run by {holder} (MLflow run {run.info.run_id}); wait for it to "
+                         "end, or stop it and run `clusterlab runs reconcile`")
+
+
 def check_run_name_free(client: MlflowClient, cfg: ExperimentConfig, run_name: str) -> None:
     """Refuse (ConfigError) a run name whose run is being run by a live process; called before
     Ray starts. :func:`start_run` checks again when it creates or claims the run."""
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    for run in _runs_named(client, exp.experiment_id, run_name) if exp else []:
-        holder = live_owner(run)
-        if holder:
-            raise ConfigError(f"run_name: {run_name!r} is being run by {holder} (MLflow run {run.info.run_id}); "
-                              "wait for it to end, or stop it and run `clusterlab runs reconcile`")
+    try:
+        for run in _runs_named(client, exp.experiment_id, run_name) if exp else []:
+            _refuse_live_owner(run, run_name)
+    except ValueError as exc:
+        raise ConfigError(f"run_name: {exc}") from None
 
 
 def find_sweep_parent(client: MlflowClient, exp_id: str, sweep: str) -> str | None:
@@ -198,10 +206,7 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
     existing = find_run(client, exp_id, run_name)
     if existing:
         previous = client.get_run(existing)
-        holder = live_owner(previous)
-        if holder:
-            raise ValueError(f"{run_name!r} is being run by {holder} (MLflow run {existing}); wait for it to end, "
-                             "or stop it and run `clusterlab runs reconcile`")
+        _refuse_live_owner(previous, run_name)
         if previous.info.status == "FINISHED":
             raise ValueError(
                 f"run name {run_name!r} already finished (MLflow run {existing}); its results are kept as they "
