@@ -1,6 +1,7 @@
 """``clusterlab`` command line: parses arguments and calls ``clusterlab.platform``.
 
-Exit codes: 0 success, 1 a run failed, 2 bad input (config, data, arguments), 130 interrupted.
+Exit codes: 0 success, 1 a run failed, 2 bad input (config, data, arguments), 130 interrupted by
+SIGINT (Ctrl+C), 143 by SIGTERM (``clusterlab.platform.interrupts``).
 """
 
 from __future__ import annotations
@@ -420,18 +421,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from clusterlab.data.datasets import DatasetNotFoundError
+    from clusterlab.platform.interrupts import as_interrupted, catch_signals
 
     args = parse_args(argv)
     # MLflow's per-download progress bars would interleave with clusterlab's own progress.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        return args.func(args)
+        with catch_signals():
+            return args.func(args)
     except (ConfigError, DatasetNotFoundError) as exc:
         print(f"clusterlab: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("clusterlab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        interrupted = as_interrupted(exc)
+        print(f"clusterlab: {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
     except Exception as exc:
         from clusterlab.platform.train import TrainingFailed
 

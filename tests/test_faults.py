@@ -2,14 +2,13 @@
 memory, processes killed while writing checkpoints and feature files.
 
 Each test is a row of RELIABILITY.md (tests/reliability_report.py). The sweep-level faults
-(driver killed, Ctrl+C, NaN trial, interrupted re-evaluation) are in tests/test_sweep_e2e.py,
+(driver killed, Ctrl+C and SIGTERM, NaN trial, interrupted re-evaluation) are in tests/test_sweep_e2e.py,
 the tracking-server outage in tests/test_tracking_faults.py, bad input in
-tests/test_invalid_input.py.
+tests/test_invalid_input.py, interrupts of a single run in tests/test_interrupts.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,31 +24,9 @@ from mlflow.tracking import MlflowClient
 from clusterlab import cli
 from clusterlab.eval.feature_files import read_features
 from clusterlab.trainers.checkpoint import read_checkpoint, read_history
+from runs import DIGITS, registered_checkpoint, run_named
 
 pytestmark = [pytest.mark.faults]
-
-DIGITS = ["--preset", "simclr_digits", "optim.warmup_epochs=0", "eval.kmeans_n_init=2",
-          "eval.raw_pixels_baseline=false"]
-
-
-def _run_named(client: MlflowClient, experiment: str, run_name: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`clusterlab.run_name` = '{run_name}'")
-    return runs[0] if runs else None
-
-
-def _registered_checkpoint(run_dir: Path) -> bool:
-    """Whether Ray Train's checkpoint manager has recorded a checkpoint of the run. A report
-    the controller had not yet registered when the worker died is not resumed from (the run
-    then restarts from the checkpoint before it), so the kill waits for this."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(snapshot.get("latest_checkpoint_result"))
-
 
 @pytest.mark.ray
 @pytest.mark.reliability("training worker SIGKILLed mid-epoch (max_failures=1)",
@@ -70,8 +47,8 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path):
         while True:  # wait until Ray Train has registered a checkpoint, then kill during the next epoch
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no checkpoint registered in time"
-            run = _run_named(client, "faults", "killed-worker")
-            if run is not None and _registered_checkpoint(tmp_path / "ray" / "killed-worker"):
+            run = run_named(client, "faults", "killed-worker")
+            if run is not None and registered_checkpoint(tmp_path / "ray" / "killed-worker"):
                 break
             time.sleep(0.2)
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
@@ -112,7 +89,7 @@ def test_out_of_memory_is_reported_and_not_retried(ray_local, tracking_uri, tmp_
     assert code == 1
     err = capsys.readouterr().err
     assert "out of host memory" in err and "batch_size" in err and "model.cnn_width=200000" in err
-    run = _run_named(MlflowClient(tracking_uri), "oom", "oom")
+    run = run_named(MlflowClient(tracking_uri), "oom", "oom")
     assert run.info.status == "FAILED"
     assert run.data.tags["clusterlab.train_attempts"] == "1"
     assert run.data.tags["failure_reason"].startswith("out of memory: ")
@@ -177,3 +154,4 @@ def test_a_kill_during_a_write_leaves_the_previous_file_whole(tmp_path):
     assert not features.exists()  # only the temporary file can be half-written
     subprocess.run([sys.executable, "-c", WRITER, "features", str(features)], check=True, capture_output=True)
     assert read_features(features)["representation"].shape == (100_000, 512)
+

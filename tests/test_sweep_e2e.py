@@ -3,10 +3,12 @@
 The sweep runs as `clusterlab sweep` subprocesses (each with its own local Ray), so that it can
 be interrupted like a user or a machine would do it:
 
-1. Ctrl+C (SIGINT) after the first finished trial: Tune saves its state, runs end KILLED;
-2. `--resume`, then the whole process group SIGKILLed mid-trial (a dead driver and its Ray);
+1. Ctrl+C (SIGINT to the process group) after the first finished trial: Tune saves its state,
+   runs end KILLED naming the signal, exit 130;
+2. `--resume`, then SIGTERM mid-trial: the same, exit 143;
+3. `--resume`, then the whole process group SIGKILLed mid-trial (a dead driver and its Ray);
    `clusterlab runs reconcile` marks the runs it left RUNNING as FAILED;
-3. `--resume` again finishes the grid: one parent, one child per grid point, no step twice.
+4. `--resume` again finishes the grid: one parent, one child per grid point, no step twice.
 
 Two grid points have a loss weight of 1e38: their loss overflows at once, they fail with
 failure_reason "non-finite loss", are not retried (max_failures=1 is set), and their heatmap
@@ -95,10 +97,11 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-@pytest.mark.reliability("sweep: Ctrl+C, then driver SIGKILLed, then --resume twice",
-                         "Ctrl+C: exit 130, state saved, no run RUNNING; after the kill `runs reconcile` marks the "
-                         "dead runs FAILED; resume: trials = grid size, finished trials not re-run, parent reused, "
-                         "no child run duplicated, every epoch step once")
+@pytest.mark.reliability("sweep: Ctrl+C, then SIGTERM mid-trial, then driver SIGKILLed, then --resume each time",
+                         "Ctrl+C: exit 130, SIGTERM: exit 143, each time state saved, no run RUNNING, parent and "
+                         "stopped trials KILLED naming the signal; after the kill `runs reconcile` marks the dead "
+                         "runs FAILED; resume: trials = grid size, finished trials not re-run, parent reused, no "
+                         "child run duplicated, every epoch step once")
 @pytest.mark.reliability("NaN / Inf loss in one trial of a sweep (max_failures=1)",
                          "trial FAILED at epoch 1 with failure_reason 'non-finite loss', 1 attempt (not retried, "
                          "also not on --resume), other trials finish, heatmap cell 'failed' (not 0)")
@@ -114,11 +117,8 @@ def test_grid_sweep_interrupted_killed_and_resumed(ray_local, tmp_path, capsys):
     # 1. Ctrl+C after the first finished trial.
     first = _sweep(tmp_path, env)
     _wait_for(first, lambda: any(r.info.status == "FINISHED" for r in _children(client)), "a trial finished")
-    first.send_signal(signal.SIGINT)  # what Ctrl+C sends: Tune saves its state and stops the trials
-    out = first.communicate(timeout=180)[0]
-    assert first.returncode == 130, out[-3000:]
-    assert "--resume" in out
-    assert all(r.info.status in ("FINISHED", "KILLED", "FAILED") for r in _runs(client))  # none left RUNNING
+    os.killpg(first.pid, signal.SIGINT)  # what Ctrl+C sends, to the whole process group
+    _expect_interrupted(client, first, signal.SIGINT)
     (parent_id,) = [r.info.run_id for r in _runs(client) if r.data.tags.get("clusterlab.role") == "parent"]
 
     # Starting it again without --resume is refused: results are never overwritten.
@@ -126,13 +126,18 @@ def test_grid_sweep_interrupted_killed_and_resumed(ray_local, tmp_path, capsys):
     assert again.wait(timeout=120) == 2
     assert "already exists" in again.stdout.read()
 
-    # 2. Resume, then kill everything while a trial is training (an epoch logged, more to come).
-    resumed = _sweep(tmp_path, env, "--resume")
-
     def training() -> bool:
         return any(r.info.status == "RUNNING" and 1 <= len(client.get_metric_history(r.info.run_id, "lr")) < EPOCHS
                    for r in _children(client))
 
+    # 2. Resume, then SIGTERM the command (`kill PID`, a scheduler's stop) while a trial trains.
+    stopped = _sweep(tmp_path, env, "--resume")
+    _wait_for(stopped, training, "a resumed trial was training")
+    stopped.send_signal(signal.SIGTERM)
+    _expect_interrupted(client, stopped, signal.SIGTERM)
+
+    # 3. Resume, then kill everything while a trial is training (an epoch logged, more to come).
+    resumed = _sweep(tmp_path, env, "--resume")
     _wait_for(resumed, training, "a resumed trial was training")
     finished = {r.info.run_id: _history(client, r.info.run_id, "val_loss")
                 for r in _children(client) if r.info.status == "FINISHED"}
@@ -146,7 +151,7 @@ def test_grid_sweep_interrupted_killed_and_resumed(ray_local, tmp_path, capsys):
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("process died: owner ")
 
-    # 3. Resume to the end.
+    # 4. Resume to the end.
     last = _sweep(tmp_path, env, "--resume")
     out = last.communicate(timeout=900)[0]
     assert last.returncode == 0, out[-3000:]
@@ -181,6 +186,20 @@ def test_grid_sweep_interrupted_killed_and_resumed(ray_local, tmp_path, capsys):
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best.data.metrics["val_loss"])
     _check_nan_trials(client, children, tmp_path, uri)
     _check_reeval_resume(client, good, tmp_path, uri, env, capsys)
+
+
+def _expect_interrupted(client: MlflowClient, proc: subprocess.Popen, signum: int) -> None:
+    """Tune stopped the trials and saved its state: exit 128 + signal, the --resume line, no run
+    left RUNNING, the parent and the stopped trials KILLED with the signal as failure_reason."""
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 128 + signum, out[-3000:]
+    assert "--resume" in out
+    runs = _runs(client)
+    assert all(r.info.status in ("FINISHED", "KILLED", "FAILED") for r in runs)
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert any(r.data.tags.get("clusterlab.role") == "parent" for r in killed)
+    for run in killed:
+        assert run.data.tags["failure_reason"].startswith(f"interrupted: {signal.Signals(signum).name} received")
 
 
 def _check_nan_trials(client: MlflowClient, children: list, tmp_path: Path, uri: str) -> None:

@@ -14,12 +14,14 @@ and its MLflow child run carries the trial id, so nothing is logged twice.
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clusterlab.config import SAFE_NAME, ConfigError, ExperimentConfig, build_config
 from clusterlab.platform import cluster, tracking
+from clusterlab.platform.interrupts import Interrupted, stop_tune_gracefully
 from clusterlab.platform.loop import NonFiniteLossError, TrainingOutOfMemoryError
 from clusterlab.platform.train import (
     TrainingFailed,
@@ -245,24 +247,27 @@ def run_sweep(
                                                             max_concurrent_trials(space, base_cfg,
                                                                                   ray.cluster_resources())),
                                    run_config=ray.tune.RunConfig(name=name, storage_path=storage_uri(base_cfg)))
-        results = tuner.fit()
+        with stop_tune_gracefully() as stopped_by:
+            results = tuner.fit()
         if len(results) < space.trial_count() or results.num_terminated + results.num_errors < len(results):
-            # Tune caught Ctrl+C / SIGINT, stopped the trials and saved its state (trials of a
-            # grid are created lazily, so an interrupted sweep may hold fewer than planned).
+            # Tune stopped the trials on SIGINT / SIGTERM and saved its state (trials of a grid
+            # are created lazily, so an interrupted sweep may hold fewer than planned).
             print(f"sweep {name!r} interrupted; its state is saved. Continue it with: clusterlab sweep "
                   f"{space_path} --resume" + (f" --name {name}" if name != (space.name or Path(space_path).stem) else ""),
                   flush=True)
-            for run in _child_runs(client, experiment_id, parent):  # their trials were stopped with the sweep
-                if run.info.status == "RUNNING":
-                    tracking.end_run(client, run.info.run_id, "KILLED")
-            raise KeyboardInterrupt
+            raise stopped_by() or Interrupted(signal.SIGINT)
         _settle_trials(client, experiment_id, parent, base, results)
         outcome = _summarise(client, experiment_id, parent, space, name, base_cfg.method,
                              storage_dir(base_cfg) / f"{name}_heatmap.png")
         status = "FINISHED"
         return outcome
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         status = "KILLED"
+        for run in _child_runs(client, experiment_id, parent):  # their trials were stopped with the sweep
+            if run.info.status == "RUNNING":
+                record_failure(client, run.info.run_id, exc)
+                tracking.end_run(client, run.info.run_id, "KILLED")
+        record_failure(client, parent, exc)
         raise
     finally:
         tracking.end_run(client, parent, status)

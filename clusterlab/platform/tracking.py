@@ -40,6 +40,7 @@ NODE_TAG = "clusterlab.node_id"  # Ray node id of the rank-0 training worker (it
 NODE_IP_TAG = "clusterlab.node_ip"
 OWNER_TAG = "clusterlab.owner"  # "<host>/<pid>/<process start time>" of the process that ends the run
 FAILURE_TAG = "failure_reason"
+RESUMED_AFTER_TAG = "clusterlab.resumed_after"  # the failure_reason of the attempt a resumed run continues
 HEARTBEAT_TAG = "clusterlab.heartbeat"  # unix seconds, refreshed by the owner while the run is open
 LEASE_SECONDS = 120.0  # a run on another host whose heartbeat is older than this is taken as abandoned
 CLAIM_SETTLE_SECONDS = 1.0  # how long a new owner waits before checking that its claim held
@@ -258,7 +259,13 @@ def owner() -> str:
 
 
 def claim_run(client: MlflowClient, run_id: str) -> None:
-    """Mark ``run_id`` RUNNING and owned by this process (a resumed run changes hands)."""
+    """Mark ``run_id`` RUNNING and owned by this process (a resumed run changes hands). Why it
+    stopped last time moves from ``failure_reason`` to ``clusterlab.resumed_after``, so that a
+    resumed run that finishes carries no failure."""
+    reason = client.get_run(run_id).data.tags.get(FAILURE_TAG)
+    if reason is not None:
+        client.set_tag(run_id, RESUMED_AFTER_TAG, reason)
+        client.delete_tag(run_id, FAILURE_TAG)
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, OWNER_TAG, owner())
     client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")

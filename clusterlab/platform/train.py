@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import os
 import re
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
 from clusterlab.platform import cluster, tracking
+from clusterlab.platform.interrupts import Interrupted, as_interrupted, call_off_main_thread, reclaim_signals
 from clusterlab.platform.loop import PermanentTrainingError, fit
 from clusterlab.redact import redact_text, redact_values
 from clusterlab.trainers.checkpoint import read_checkpoint, read_history
@@ -232,12 +234,17 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # More logical CPUs than cores: on 2 cores Train's placement groups otherwise starve
-        # and hang (DESIGN.md, measured).
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # More logical CPUs than cores: on 2 cores Train's placement groups otherwise starve
+            # and hang (DESIGN.md, measured).
+            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+    except SystemExit:  # only ray.init's own SIGTERM handler exits from inside ray.init
+        raise Interrupted(signal.SIGTERM) from None
+    finally:
+        reclaim_signals()  # ray.init replaced the SIGTERM handler with one that exits 1
 
 
 def check_cluster_resources(cfg: ExperimentConfig) -> None:
@@ -324,7 +331,7 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
                 callbacks=callbacks,
             ),
         )
-        return trainer.fit()
+        return call_off_main_thread(trainer.fit)  # keeps Ray Train's SIGINT handler out (interrupts.py)
 
     client = tracking.MlflowClient(tracking_uri)
     retries = float("inf") if res.max_failures == -1 else res.max_failures
@@ -333,6 +340,11 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
         try:
             result = attempt()
             break
+        except KeyboardInterrupt:
+            # Stop the Train workers before the run is marked KILLED: the controller and its
+            # workers belong to this driver, so they end with its connection (on a cluster too).
+            ray.shutdown()
+            raise
         except ray.train.TrainingFailedError as exc:
             failure = classify_failure(exc, run_name)
             if failure.permanent or attempts > retries:
@@ -380,8 +392,9 @@ def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = Tr
         metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, evaluate, progress)
         status = "FINISHED"
         return TrainResult(run_id, run_name, checkpoint_dir, metrics)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         status = "KILLED"
+        record_failure(client, run_id, exc)
         raise
     except Exception as exc:
         record_failure(client, run_id, exc)
@@ -409,8 +422,15 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour / cursor 
 
 
 def record_failure(client: tracking.MlflowClient, run_id: str, exc: BaseException) -> None:
-    """Tag ``failure_reason`` as ``<category>: <message>`` (category e.g. ``non-finite loss``),
-    plain text: Ray's error reprs carry terminal colour codes, which the MLflow UI shows raw."""
-    reason = exc.reason if isinstance(exc, TrainingFailed) else type(exc).__name__
-    message = ANSI_ESCAPE.sub("", f"{reason}: {exc}")[:4000]
+    """Tag ``failure_reason`` as ``<category>: <message>`` (category e.g. ``non-finite loss``,
+    ``interrupted`` with the signal's name), plain text: Ray's error reprs carry terminal colour
+    codes, which the MLflow UI shows raw."""
+    if isinstance(exc, KeyboardInterrupt):
+        interrupted = as_interrupted(exc)
+        message = (f"interrupted: {interrupted.signal_name} received; the same command (a sweep: with --resume) "
+                   "continues from the last checkpoint")
+    else:
+        reason = exc.reason if isinstance(exc, TrainingFailed) else type(exc).__name__
+        message = f"{reason}: {exc}"
+    message = ANSI_ESCAPE.sub("", message)[:4000]
     client.set_tag(run_id, tracking.FAILURE_TAG, redact_text(message))
