@@ -127,7 +127,9 @@ def _interrupt(proc: subprocess.Popen, ready, signum: int, what: str) -> str:
                          "with failure_reason naming the signal, registered checkpoints readable; the same command "
                          "resumes from the last checkpoint (every epoch step once) and ends FINISHED with the "
                          "interruption kept as clusterlab.resumed_after")
-@pytest.mark.parametrize("signals", [("SIGINT", "SIGTERM", "SIGINT"), ("SIGTERM", "SIGINT", "SIGTERM")],
+# One sequence in `make test`, the other in `make test-faults`: about 2 minutes each on 2 cores.
+@pytest.mark.parametrize("signals", [("SIGINT", "SIGTERM", "SIGINT"),
+                                     pytest.param(("SIGTERM", "SIGINT", "SIGTERM"), marks=pytest.mark.faults)],
                          ids=["int-term-int", "term-int-term"])
 def test_an_interrupt_at_any_phase_ends_the_run_killed_and_the_same_command_resumes(tmp_path, signals):
     start_up, training, evaluation = (getattr(signal, s) for s in signals)
