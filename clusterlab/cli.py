@@ -278,7 +278,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "download":
         download_dataset(args.name, args.data_root)
     check_dataset(args.name, args.data_root, info.splits)
-    print(f"{args.name}: all files present and intact (sizes, labels, images decoded) under "
+    print(f"{args.name}: all files present and intact (sizes, headers, label ranges, images) under "
           f"{args.data_root or '(bundled)'}")
     return 0
 
@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="`check` verifies every file a dataset needs and names any missing path; "
                                    "`download` fetches it with torchvision first (needs internet).")
     p.add_argument("action", choices=["check", "download"])
-    p.add_argument("name", choices=["cifar10", "cifar100_20", "stl10", "imagefolder", "digits"])
+    p.add_argument("name", choices=["cifar10", "cifar100_20", "stl10", "imagefolder", "digits", "mnist"])
     p.add_argument("--data-root", help="directory holding the dataset folders")
     p.set_defaults(func=cmd_data)
     return parser

@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping, Sequence, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DatasetName = Literal["cifar10", "cifar100_20", "stl10", "imagefolder", "digits"]
+DatasetName = Literal["cifar10", "cifar100_20", "stl10", "imagefolder", "digits", "mnist"]
 Protocol = Literal["train", "train+test", "train+unlabeled"]
 
 
@@ -53,6 +53,8 @@ class DataConfig(StrictModel):
     )
     image_size: int | None = Field(None, ge=8, description="served image size; None = dataset default")
     download: bool = Field(False, description="download missing files (needs internet); never implicit")
+    limit: int | None = Field(None, ge=1, description="use only the first N images of every split (a smoke test, "
+                              "a quick look); null = all")
 
 
 class AugmentConfig(StrictModel):

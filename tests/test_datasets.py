@@ -1,18 +1,21 @@
 """Tests for clusterlab.data.datasets.
 
 Every file-based dataset is exercised with tiny files written here in the real
-on-disk format. Pixel probes are placed by computing byte offsets by hand (not by
-reusing the reader's reshape), so a wrong reshape or a missing STL-10 transpose
-fails; where possible the result is also cross-checked against torchvision's own
+on-disk format; MNIST, whose reader enforces the published image counts, with the real
+files (../shared/datasets, skipped where absent) and damaged copies of them. Pixel
+probes are placed by computing byte offsets by hand (not by reusing the reader's
+reshape), so a wrong reshape or a missing STL-10 transpose fails; where possible the result is also cross-checked against torchvision's own
 loading code with its md5 checks disabled.
 """
 
 from __future__ import annotations
 
+import gzip
 import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -136,6 +139,40 @@ def write_imagefolder(root: Path, size: int = 10) -> None:
                 Image.fromarray(arr).save(root / split / cls / f"{i}.png")
 
 
+MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+
+
+def real_mnist() -> Path:
+    """The data root holding the real MNIST (see its README.md); skips the test where it is absent."""
+    if not all((MNIST_ROOT / "MNIST" / "raw" / f).is_file() for f in MNIST_FILES):
+        pytest.skip(f"the real MNIST is not at {MNIST_ROOT / 'MNIST' / 'raw'} (the project's shared datasets)")
+    return MNIST_ROOT
+
+
+def write_idx(path: Path, magic: int, dims: Sequence[int], data: bytes = b"") -> Path:
+    """A hand-written IDX file (LeCun's format: big-endian int32 magic number and dimensions, then
+    the uint8 data), gzip-compressed when ``path`` ends in ``.gz``."""
+    raw = np.array([magic, *dims], dtype=">i4").tobytes() + data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw, compresslevel=1) if path.suffix == ".gz" else raw)
+    return path
+
+
+def write_mnist(root: Path) -> None:
+    """An intact MNIST under ``root/MNIST/raw``: the real test files copied, so a test may damage
+    them, and the real train files symlinked (47 MB, never written to)."""
+    real = real_mnist() / "MNIST" / "raw"
+    d = root / "MNIST" / "raw"
+    d.mkdir(parents=True)
+    for f in MNIST_FILES:
+        if f.startswith("t10k"):
+            shutil.copyfile(real / f, d / f)
+        else:
+            (d / f).symlink_to(real / f)
+
+
 # ------------------------------------------------------------------------ mapping
 
 
@@ -151,7 +188,7 @@ def test_cifar100_fine_to_coarse_mapping() -> None:
 
 
 def test_registry() -> None:
-    assert set(DATASETS) == {"cifar10", "cifar100_20", "stl10", "imagefolder", "digits"}
+    assert set(DATASETS) == {"cifar10", "cifar100_20", "stl10", "imagefolder", "digits", "mnist"}
     for name, info in DATASETS.items():
         assert info.name == name
         assert set(info.splits) <= set(ds.SPLIT_NAMES)
@@ -163,6 +200,8 @@ def test_registry() -> None:
     assert DATASETS["stl10"].splits == ("train", "test", "unlabeled")
     assert DATASETS["digits"].image_size == 16
     assert DATASETS["imagefolder"].image_size is None
+    assert DATASETS["mnist"].directory == "MNIST/raw" and DATASETS["mnist"].image_size == 28
+    assert DATASETS["mnist"].splits == ("train", "test")
 
 
 # -------------------------------------------------------------------------- CIFAR
@@ -432,7 +471,7 @@ def test_missing_dataset_entirely(tmp_path: Path) -> None:
 
 def test_unknown_names() -> None:
     with pytest.raises(ValueError) as exc:
-        check_dataset("mnist", "/tmp", ["train"])
+        check_dataset("svhn", "/tmp", ["train"])
     for name in DATASETS:
         assert name in str(exc.value)
     with pytest.raises(ValueError, match="unknown dataset"):
@@ -443,6 +482,94 @@ def test_unknown_names() -> None:
         ds.download_dataset("digits", "/tmp")
     with pytest.raises(ValueError):
         ds.download_dataset("imagefolder", "/tmp")
+
+
+# -------------------------------------------------------------------------- MNIST
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_mnist_real_files(capsys: pytest.CaptureFixture) -> None:
+    """The real MNIST: 60k + 10k 28x28 digits with the published class counts, served as three
+    equal channels, the stored statistics those of its train split."""
+    root = real_mnist()
+    ds._VALIDATED.clear()
+    tr = load_split("mnist", root, "train")
+    te = load_split("mnist", root, "test")
+    assert tr.images.shape == (60000, 3, 28, 28) and te.images.shape == (10000, 3, 28, 28)
+    assert tr.images.dtype == np.uint8 and tr.images.flags.c_contiguous
+    assert tr.labels[0] == 5
+    assert np.bincount(tr.labels).tolist() == MNIST_TRAIN_COUNTS
+    assert np.bincount(te.labels).tolist() == MNIST_TEST_COUNTS
+    np.testing.assert_array_equal(tr.images[:, 0], tr.images[:, 1])
+    np.testing.assert_array_equal(tr.images[:, 0], tr.images[:, 2])
+    assert tr.images.max() == 255 and tr.images.min() == 0
+    # Hand-computed offset of a pixel in the IDX file: 16-byte header, then 784 bytes per image, row-major.
+    raw = (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
+    for n, r, c in [(0, 10, 15), (9999, 20, 7), (1234, 5, 22)]:
+        assert te.images[n, 0, r, c] == raw[16 + n * 784 + r * 28 + c]
+    mean, std = channel_stats(tr.images)
+    assert mean == pytest.approx(DATASETS["mnist"].mean, abs=1e-4)
+    assert std == pytest.approx(DATASETS["mnist"].std, abs=1e-4)
+    assert cli.main(["data", "check", "mnist", "--data-root", str(root)]) == 0
+    assert "all files present and intact" in capsys.readouterr().out
+
+
+def test_mnist_matches_torchvision_and_download_keeps_files_on_disk(tmp_path: Path) -> None:
+    """torchvision reads the same layout into the same arrays; ``download_dataset`` downloads nothing
+    where all files exist (no network is needed; none is here): it checks them, and names a damaged
+    one rather than letting torchvision fail parsing it."""
+    from torchvision.datasets import MNIST
+
+    root = real_mnist()
+    ds.download_dataset("mnist", root)
+    ref = MNIST(str(root), train=False)
+    ours = load_split("mnist", root, "test")
+    np.testing.assert_array_equal(ours.images[:, 0], ref.data.numpy())
+    np.testing.assert_array_equal(ours.labels, ref.targets.numpy())
+    write_mnist(tmp_path)
+    bad = _mnist_label_10(tmp_path)
+    with pytest.raises(ds.DatasetFileDamagedError, match="delete it and rerun with data.download=true") as exc:
+        ds.download_dataset("mnist", tmp_path)
+    assert exc.value.path == bad
+
+
+def test_mnist_gz_reads_like_the_raw_files(tmp_path: Path) -> None:
+    """Each file may be ``NAME.gz`` instead; when both exist the uncompressed one is read."""
+    real = real_mnist()
+    d = tmp_path / "MNIST" / "raw"
+    d.mkdir(parents=True)
+    for f in MNIST_FILES[2:]:
+        (d / f"{f}.gz").write_bytes(gzip.compress((real / "MNIST" / "raw" / f).read_bytes(), compresslevel=1))
+    assert expected_files("mnist", tmp_path, ["test"]) == [d / f"{f}.gz" for f in MNIST_FILES[2:]]
+    ds._VALIDATED.clear()
+    gz = load_split("mnist", tmp_path, "test")
+    ref = load_split("mnist", real, "test")
+    np.testing.assert_array_equal(gz.images, ref.images)
+    np.testing.assert_array_equal(gz.labels, ref.labels)
+    # Both present: the uncompressed file wins, so a damaged .gz next to it is never read.
+    shutil.copyfile(real / "MNIST" / "raw" / MNIST_FILES[3], d / MNIST_FILES[3])
+    (d / f"{MNIST_FILES[3]}.gz").write_bytes(b"not gzip")
+    assert expected_files("mnist", tmp_path, ["test"]) == [d / f"{MNIST_FILES[2]}.gz", d / MNIST_FILES[3]]
+    check_dataset("mnist", tmp_path, ["test"])
+    np.testing.assert_array_equal(load_split("mnist", tmp_path, "test").labels, ref.labels)
+
+
+def test_mnist_missing_files(tmp_path: Path) -> None:
+    """Missing files are named under torchvision's names, with the .gz alternative and how to download."""
+    d = tmp_path / "MNIST" / "raw"
+    write_idx(d / "train-labels-idx1-ubyte.gz", 2049, [60000], bytes(60000))
+    with pytest.raises(DatasetNotFoundError) as exc:
+        check_dataset("mnist", tmp_path, ["train", "test"])
+    msg = str(exc.value)
+    assert exc.value.missing == [d / f for f in MNIST_FILES if f != "train-labels-idx1-ubyte"]
+    for f in exc.value.missing:
+        assert str(f) in msg
+    assert "train-labels" not in msg.split("How to get it")[0]  # present as .gz
+    assert ".gz" in msg and "data.download=true" in msg and DATASETS["mnist"].how_to_get in msg
+    with pytest.raises(ValueError, match="data root"):
+        check_dataset("mnist", None, ["train"])
 
 
 # -------------------------------------------------------------------- imagefolder
@@ -680,11 +807,58 @@ def _imagefolder_bomb(root: Path) -> Path:
     return p
 
 
+def _mnist_file(root: Path, name: str) -> Path:
+    return root / "MNIST" / "raw" / name
+
+
+def _mnist_truncated_images(root: Path) -> Path:
+    p = _mnist_file(root, "t10k-images-idx3-ubyte")
+    p.write_bytes(p.read_bytes()[: 16 + 9000 * 784 + 100])
+    return p
+
+
+def _mnist_truncated_gz(root: Path) -> Path:
+    p = _mnist_file(root, "t10k-images-idx3-ubyte")
+    gz = p.with_name(p.name + ".gz")
+    gz.write_bytes(gzip.compress(p.read_bytes(), compresslevel=1)[:-5000])
+    p.unlink()
+    return gz
+
+
+def _mnist_gzip_without_suffix(root: Path) -> Path:
+    p = _mnist_file(root, "t10k-labels-idx1-ubyte")
+    p.write_bytes(gzip.compress(p.read_bytes()))
+    return p
+
+
+def _mnist_wrong_magic(root: Path) -> Path:
+    return write_idx(_mnist_file(root, "t10k-images-idx3-ubyte"), 2049, [10000, 28, 28])
+
+
+def _mnist_wrong_dims(root: Path) -> Path:
+    return write_idx(_mnist_file(root, "t10k-images-idx3-ubyte"), 2051, [10000, 32, 32])
+
+
+def _mnist_label_10(root: Path) -> Path:
+    p = _mnist_file(root, "t10k-labels-idx1-ubyte")
+    b = bytearray(p.read_bytes())
+    b[8 + 4321] = 10
+    p.write_bytes(bytes(b))
+    return p
+
+
+def _mnist_label_count(root: Path) -> Path:
+    """A labels file one label short whose header agrees with its size: only the count is wrong."""
+    p = _mnist_file(root, "t10k-labels-idx1-ubyte")
+    return write_idx(p, 2049, [9999], p.read_bytes()[8:-1])
+
+
 WRITERS = {
     "cifar10": lambda root: write_cifar10(root, n_test=12),
     "cifar100_20": lambda root: write_cifar100(root, n_test=30),
     "stl10": lambda root: write_stl10(root, n_test=12),
     "imagefolder": lambda root: write_imagefolder(root),
+    "mnist": write_mnist,
 }
 TRAIN_ARGS = {"imagefolder": ["data.image_size=10"]}
 
@@ -710,10 +884,18 @@ DAMAGED = [
     pytest.param("imagefolder", _imagefolder_empty_class, "holds no images", id="imagefolder-empty-class"),
     pytest.param("imagefolder", _imagefolder_empty_test, "holds no class directories", id="imagefolder-empty-test"),
     pytest.param("imagefolder", _imagefolder_bomb, "decompression bomb", id="imagefolder-decompression-bomb"),
+    pytest.param("mnist", _mnist_truncated_images, "expected 7840016 bytes", id="mnist-truncated-images"),
+    pytest.param("mnist", _mnist_truncated_gz, "not a readable gzip file", id="mnist-truncated-gz"),
+    pytest.param("mnist", _mnist_gzip_without_suffix, "rename it to t10k-labels-idx1-ubyte.gz", id="mnist-gzip-as-raw"),
+    pytest.param("mnist", _mnist_wrong_magic, "magic number 2049", id="mnist-wrong-magic"),
+    pytest.param("mnist", _mnist_wrong_dims, "32x32 images, expected 28x28", id="mnist-32x32-images"),
+    pytest.param("mnist", _mnist_label_10, "must be in 0..9", id="mnist-label-10"),
+    pytest.param("mnist", _mnist_label_count, "announces 9999 labels, but t10k-images-idx3-ubyte holds 10000",
+                 id="mnist-label-count"),
 ]
 FIXES = {
     "cifar10": "data.download=true", "cifar100_20": "data.download=true", "stl10": "data.download=true",
-    "imagefolder": "To fix it:",
+    "imagefolder": "To fix it:", "mnist": "delete it and rerun with data.download=true",
 }
 
 

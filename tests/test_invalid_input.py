@@ -18,8 +18,9 @@ runs ``clusterlab.cli.main`` in-process on it and checks that the command
 
 Placeholders in the table (``{data}``, ``{ckpt}``, ``{configs}``, ``{spaces}``,
 ``{features}``, ``{tmp}``) are replaced by directories of ``tmp_path`` that the
-``workspace`` fixture fills with tiny files: CIFAR-10 in torchvision's on-disk format, a
-garbage ``checkpoint.pt``, config and search-space YAML files, Parquet features, and a
+``workspace`` fixture fills with tiny files: CIFAR-10 in torchvision's on-disk format, MNIST
+IDX files with a truncated train images file (uncompressed and ``.gz``), a garbage
+``checkpoint.pt``, config and search-space YAML files, Parquet features, and a
 ``checkpoint.pt`` and a CIFAR-10 ``data_batch_1`` whose pickles would create ``PWNED`` in the
 working directory if anything unpickled them unrestricted (the check that the working
 directory stays empty catches that; tests/test_untrusted_files.py has the other routes).
@@ -35,7 +36,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clusterlab import cli
-from test_datasets import write_cifar10
+from test_datasets import write_cifar10, write_idx
 from test_untrusted_files import write_payload_checkpoint, write_payload_cifar10
 
 # ----------------------------------------------------------------------- files
@@ -74,6 +75,19 @@ SPACE_FILES = {
 GARBAGE = b"this is not a torch checkpoint\n" * 4
 
 
+def write_truncated_mnist(root: Path, gz: bool) -> None:
+    """MNIST whose train images file, the first one checked, is truncated: its header announces
+    60000 images but 10 follow, or, as ``NAME.gz``, its gzip stream is cut short. The other three
+    files hold only an IDX header; they are never read, as the check stops at the damaged file."""
+    d = root / "MNIST" / "raw"
+    images = write_idx(d / f"train-images-idx3-ubyte{'.gz' if gz else ''}", 2051, [60000, 28, 28], bytes(10 * 784))
+    if gz:
+        images.write_bytes(images.read_bytes()[:-20])
+    write_idx(d / "train-labels-idx1-ubyte", 2049, [60000])
+    write_idx(d / "t10k-images-idx3-ubyte", 2051, [10000, 28, 28])
+    write_idx(d / "t10k-labels-idx1-ubyte", 2049, [10000])
+
+
 @pytest.fixture()
 def workspace(tmp_path: Path) -> dict[str, str]:
     """The table's placeholders -> directories under ``tmp_path``, filled with the files above."""
@@ -87,6 +101,8 @@ def workspace(tmp_path: Path) -> dict[str, str]:
     (dirs["ckpt"] / "garbage" / "checkpoint.pt").write_bytes(GARBAGE)
     write_payload_checkpoint(dirs["ckpt"] / "payload", "PWNED")  # relative: in the working directory
     write_payload_cifar10(dirs["data"] / "cifar10_payload", "PWNED")
+    write_truncated_mnist(dirs["data"] / "mnist_truncated", gz=False)
+    write_truncated_mnist(dirs["data"] / "mnist_truncated_gz", gz=True)
     for name, text in CONFIG_FILES.items():
         (dirs["configs"] / f"{name}.yaml").write_text(text)
     for name, text in SPACE_FILES.items():
@@ -165,6 +181,18 @@ CASES = [
                  ["data.root", "{data}/cifar10_payload/cifar-10-batches-py/data_batch_1: refused unread",
                   "never runs code from a dataset file"],
                  id="dataset-pickle-with-code"),
+    pytest.param(["train", "data.name=mnist", "--data-root", "{data}/empty"],
+                 ["data.root", "{data}/empty/MNIST/raw/train-images-idx3-ubyte", "same name + .gz",
+                  "data.download=true"],
+                 id="mnist-missing-files"),
+    pytest.param(["train", "data.name=mnist", "--data-root", "{data}/mnist_truncated"],
+                 ["data.root", "{data}/mnist_truncated/MNIST/raw/train-images-idx3-ubyte is damaged",
+                  "expected 47040016 bytes", "delete it and rerun with data.download=true"],
+                 id="mnist-truncated-images"),
+    pytest.param(["train", "data.name=mnist", "--data-root", "{data}/mnist_truncated_gz"],
+                 ["data.root", "{data}/mnist_truncated_gz/MNIST/raw/train-images-idx3-ubyte.gz is damaged",
+                  "not a readable gzip file"],
+                 id="mnist-truncated-gz"),
     pytest.param(["train", "--preset", "excb_digits", "excb.num_clusters=5000"],
                  ["excb.num_clusters: K-means centroid initialisation needs at least K = 5000 images"],
                  id="excb-k-above-images"),

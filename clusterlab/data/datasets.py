@@ -22,6 +22,11 @@ Datasets (keys of :data:`DATASETS`):
 * ``imagefolder``  -- ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``.
 * ``digits``       -- scikit-learn's bundled 8x8 digits (needs no files at all), the
   offline smoke-test dataset.
+* ``mnist``        -- ``ROOT/MNIST/raw``, torchvision's layout of the four original files in
+  LeCun's IDX format (http://yann.lecun.com/exdb/mnist/), each uncompressed or as ``NAME.gz``.
+  Parsed with numpy rather than ``torchvision.datasets.MNIST``, which accepts only the
+  uncompressed files and checks nothing of their content; the 28x28 grey digits are served as
+  three equal channels, as ``digits`` are.
 
 Security note: the CIFAR files are Python pickles (as in torchvision). They are read with
 a restricted unpickler (:class:`_CifarUnpickler`) that builds only what the real files hold
@@ -31,7 +36,10 @@ file never runs code from it (:class:`DatasetFileRefusedError`).
 
 from __future__ import annotations
 
+import gzip
+import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -78,6 +86,16 @@ _STL10_SIZE = 96
 _STL10_IMAGE_BYTES = 3 * _STL10_SIZE * _STL10_SIZE
 _CIFAR_SIZE = 32
 _CIFAR_ROW_BYTES = 3 * _CIFAR_SIZE * _CIFAR_SIZE
+_MNIST_SIZE = 28
+# LeCun's IDX format (http://yann.lecun.com/exdb/mnist/): a big-endian int32 magic number
+# (0x00000803 = 2051: uint8 data in 3 dimensions, the images; 0x00000801 = 2049: uint8 in 1
+# dimension, the labels), one big-endian int32 per dimension, then the uint8 data row-major.
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+# Files of a split are <prefix>-images-idx3-ubyte and <prefix>-labels-idx1-ubyte; the counts are
+# the published ones, enforced so that a truncated or foreign file is named with its expected size.
+_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+_MNIST_COUNT = {"train": 60000, "test": 10000}
 # Images processed per step when resizing/copying/summing, so that no full-size
 # float copy of a large split (STL-10 unlabeled is 2.7 GB as uint8) ever exists.
 _CHUNK = 512
@@ -235,6 +253,24 @@ DATASETS: dict[str, DatasetInfo] = {
         directory="",
         how_to_get="bundled with scikit-learn (sklearn.datasets.load_digits); no files needed",
     ),
+    "mnist": DatasetInfo(
+        name="mnist",
+        num_classes=10,
+        image_size=_MNIST_SIZE,
+        # Pixel statistics of the 60k training images (population std; tests/test_datasets.py
+        # recomputes them from the real files), the values commonly quoted for MNIST.
+        mean=(0.1307, 0.1307, 0.1307),
+        std=(0.3081, 0.3081, 0.3081),
+        splits=("train", "test"),
+        directory="MNIST/raw",
+        how_to_get=(
+            "set data.download=true (or run `clusterlab data download mnist --data-root ROOT`) on a machine with "
+            "internet, which downloads it with torchvision.datasets.MNIST into ROOT/MNIST/raw, or copy the four IDX "
+            "files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+            "t10k-labels-idx1-ubyte (http://yann.lecun.com/exdb/mnist/) into ROOT/MNIST/raw, each uncompressed or "
+            "gzipped as the same name + .gz"
+        ),
+    ),
 }
 
 
@@ -284,6 +320,9 @@ _REPAIR: dict[str, str] = {
     "stl10": ("re-download STL-10 (data.download=true, or `clusterlab data download stl10 --data-root {root}`) "
               "or restore the file from stl10_binary.tar.gz"),
     "imagefolder": "replace it with an intact image or remove it from {root}",
+    "mnist": ("delete it and rerun with data.download=true (or `clusterlab data download mnist --data-root {root}`), "
+              "or replace it with the original file from http://yann.lecun.com/exdb/mnist/ (uncompressed, or "
+              "gzipped as the same name + .gz)"),
 }
 
 
@@ -333,6 +372,11 @@ def _split_files(info: DatasetInfo, root: Path, split: str) -> list[Path]:
         return [d / f"{split}_X.bin", d / f"{split}_y.bin"]
     if info.name == "imagefolder":
         return [root / split]
+    if info.name == "mnist":
+        # Each file uncompressed, or else NAME.gz when only that exists; the uncompressed name
+        # when neither does, so a missing file is reported under the name torchvision writes.
+        names = [f"{_MNIST_PREFIX[split]}-{kind}" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        return [d / f"{n}.gz" if not (d / n).is_file() and (d / f"{n}.gz").is_file() else d / n for n in names]
     return []
 
 
@@ -364,7 +408,8 @@ def check_dataset(name: str, data_root: str | Path | None, splits: Sequence[str]
 
     Checks existence, then content: CIFAR pickles are parsed once each with the restricted
     unpickler (which runs no code from them) and their structure, ``data`` size (uint8
-    N x 3072) and label ranges checked; STL-10 ``.bin`` sizes and label bytes; every
+    N x 3072) and label ranges checked; STL-10 ``.bin`` sizes and label bytes; MNIST IDX
+    headers, (decompressed) sizes and label bytes (:func:`_check_mnist_split`); every
     ImageFolder class directory non-empty and every image verified by PIL. Raises ValueError
     for an unknown dataset or split (or a missing ``data_root`` for file-based datasets),
     :class:`DatasetNotFoundError` listing every missing path plus how to get it,
@@ -398,6 +443,9 @@ def check_dataset(name: str, data_root: str | Path | None, splits: Sequence[str]
     elif info.name == "imagefolder":
         for split in splits:
             _check_imagefolder_split(root, split)
+    elif info.name == "mnist":
+        for split in splits:
+            _check_mnist_split(root, split)
 
 
 # Files (and ImageFolder split trees) already validated in this process, keyed by
@@ -620,6 +668,103 @@ def _read_stl10(files: list[Path], split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _idx_read(root: Path, path: Path, limit: int) -> tuple[bytes, int]:
+    """The first ``limit`` bytes of an MNIST IDX file and its full size in bytes, both after
+    decompression for ``NAME.gz`` (read with :mod:`gzip`). A ``.gz`` is read to its end, in
+    1 MiB chunks that are not kept: only then is its size known, and so a truncated or corrupt
+    stream is reported here, before training, as :class:`DatasetFileDamagedError` (about 0.2 s
+    for the 47 MB train images). Callers pass the expected size (or just the header's) as
+    ``limit``, so a file of the wrong size, even a gzip bomb, is never held in memory."""
+    if path.suffix != ".gz":
+        with open(path, "rb") as f:
+            return f.read(limit), os.fstat(f.fileno()).st_size
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read(limit)
+            size = len(data)
+            while chunk := f.read(1 << 20):
+                size += len(chunk)
+            return data, size
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise _damaged("mnist", root, path, f"not a readable gzip file ({type(exc).__name__}: {exc}); it is "
+                                            f"truncated or corrupt") from None
+
+
+def _check_mnist_header(root: Path, path: Path, split: str, head: bytes, size: int,
+                        images_of: Path | None = None) -> None:
+    """Check an MNIST IDX file from its first bytes ``head`` and its (decompressed) ``size``: the
+    magic number, 28x28 images, the split's published count and header + data == size. A labels
+    file is given ``images_of``, its images file, which is checked first: a labels count that
+    disagrees is thus named against it."""
+    n = _MNIST_COUNT[split]
+    labels = images_of is not None
+    magic, ndim, item, items = ((_IDX_LABELS_MAGIC, 1, 1, "labels") if labels
+                                else (_IDX_IMAGES_MAGIC, 3, _MNIST_SIZE * _MNIST_SIZE, "images"))
+    header = 4 + 4 * ndim
+    expected = header + n * item
+    decompressed = " decompressed" if path.suffix == ".gz" else ""
+    sizes = (f"expected {expected} bytes{decompressed} ({header} header bytes + {n} "
+             f"{'one-byte labels' if labels else f'{_MNIST_SIZE}x{_MNIST_SIZE} images of one byte per pixel'})")
+    if len(head) < header:
+        raise _damaged("mnist", root, path, f"{size} bytes{decompressed}, shorter than its IDX header; {sizes}")
+    got_magic, *dims = np.frombuffer(head, dtype=">i4", count=1 + ndim).tolist()
+    if got_magic != magic:
+        why = (f"it is gzip-compressed: rename it to {path.name}.gz" if head[:2] == b"\x1f\x8b"
+               else f"it is not an MNIST {items} file")
+        raise _damaged("mnist", root, path, f"magic number {got_magic} (its first 4 bytes, a big-endian int32), "
+                                            f"expected {magic} for an IDX file of {items}; {why}")
+    if dims[1:] != [_MNIST_SIZE] * (ndim - 1):
+        raise _damaged("mnist", root, path, f"its header announces {'x'.join(map(str, dims[1:]))} images, "
+                                            f"expected {_MNIST_SIZE}x{_MNIST_SIZE}")
+    if dims[0] != n:
+        against = f"{images_of.name} holds {n} images and " if labels else ""
+        raise _damaged("mnist", root, path, f"its header announces {dims[0]} {items}, but {against}the MNIST "
+                                            f"{split} split has {n}; {sizes}")
+    if size != expected:
+        raise _damaged("mnist", root, path, f"{size} bytes{decompressed}, {sizes}; the file is truncated or has "
+                                            f"extra bytes")
+
+
+def _mnist_labels(root: Path, path: Path, split: str, images: Path) -> np.ndarray:
+    """The split's labels as int64 after checking the labels file (header, size, every label
+    in 0..9); reads the whole file (60 kB for train)."""
+    data, size = _idx_read(root, path, 8 + _MNIST_COUNT[split])
+    _check_mnist_header(root, path, split, data[:8], size, images_of=images)
+    labels = np.frombuffer(data, dtype=np.uint8, offset=8)
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        i = int(bad[0])
+        raise _damaged("mnist", root, path, f"labels must be in 0..9 (one byte per image), but {bad.size} label(s) "
+                                            f"are out of range (the first: {labels[i]} for image {i})")
+    return labels.astype(np.int64)
+
+
+def _check_mnist_split(root: Path, split: str) -> None:
+    """Check a split's two IDX files without reading the images: the images file's header and
+    size (a ``.gz`` is decompressed to count its bytes, see :func:`_idx_read`), then the labels
+    file whole. Skipped when both are unchanged since they passed in this process."""
+    images, labels = _split_files(DATASETS["mnist"], root, split)
+    key = ("mnist", split, _fingerprint(images), _fingerprint(labels))
+    if key in _VALIDATED:
+        return
+    head, size = _idx_read(root, images, limit=16)
+    _check_mnist_header(root, images, split, head, size)
+    _mnist_labels(root, labels, split, images)
+    _VALIDATED.add(key)
+
+
+def _read_mnist(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 28, 28)``, three equal channels as ``digits`` are served (so every method's
+    augmentations and the RGB backbones apply unchanged), and labels of a split. The header is
+    checked again on the bytes actually read, which ``check_dataset`` may have seen earlier."""
+    images_path, labels_path = _split_files(DATASETS["mnist"], root, split)
+    data, size = _idx_read(root, images_path, 16 + _MNIST_COUNT[split] * _MNIST_SIZE * _MNIST_SIZE)
+    _check_mnist_header(root, images_path, split, data[:16], size)
+    labels = _mnist_labels(root, labels_path, split, images_path)
+    grey = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(-1, 1, _MNIST_SIZE, _MNIST_SIZE)
+    return np.repeat(grey, 3, axis=1), labels
+
+
 def _imagefolder_classes(root: Path) -> list[str]:
     from torchvision.datasets.folder import find_classes
 
@@ -668,7 +813,7 @@ def _check_imagefolder_split(root: Path, split: str) -> None:
             raise _damaged("imagefolder", root, root / split / extra[0],
                            f"class folder(s) {extra} of {root / split} do not exist in {root / 'train'} "
                            f"(classes: {sorted(train_classes)})",
-                           f"rename or remove them: test classes must be a subset of the train classes")
+                           "rename or remove them: test classes must be a subset of the train classes")
     paths = [p for ps in files.values() for p in ps]
     key = ("imagefolder", str(root / split), Image.MAX_IMAGE_PIXELS, hash(tuple(_fingerprint(p) for p in paths)))
     if key in _VALIDATED:
@@ -754,6 +899,8 @@ def _read_raw(info: DatasetInfo, root: Path | None, split: str, image_size: int 
     if info.name == "imagefolder":
         assert image_size is not None
         return _read_imagefolder(root, split, image_size)
+    if info.name == "mnist":
+        return _read_mnist(root, split)
     raise AssertionError(info.name)  # pragma: no cover
 
 
@@ -802,28 +949,41 @@ def _target_size(info: DatasetInfo, image_size: int | None) -> int:
     return int(image_size)
 
 
-def load_split(name: str, data_root: str | Path | None, split: str, image_size: int | None = None) -> ImageArray:
+def load_split(name: str, data_root: str | Path | None, split: str, image_size: int | None = None,
+               limit: int | None = None) -> ImageArray:
     """Load one split as an :class:`ImageArray`.
 
     ``image_size`` (square) defaults to the served size in :data:`DATASETS`; when it
     differs from the stored size the images are resized with bilinear, antialiased
     interpolation and rounded back to uint8 (digits are served at 16 by default).
-    ``imagefolder`` requires ``image_size``.
+    ``imagefolder`` requires ``image_size``. ``limit``: see :func:`_first`.
     """
     info = _info(name)
     size = _target_size(info, image_size)
     check_dataset(name, data_root, [split])
     root = _root(info, data_root)
-    return _materialize([_read_raw(info, root, split, size)], size)
+    return _materialize([_first(_read_raw(info, root, split, size), limit)], size)
+
+
+def _first(raw: tuple[np.ndarray, np.ndarray], limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``limit`` images and labels of a split (``data.limit``: a smoke test or a quick
+    look at a large dataset, the same images every time); all of them for None. The files are
+    still checked whole."""
+    return raw if limit is None else (raw[0][:limit], raw[1][:limit])
 
 
 def download_dataset(name: str, data_root: str | Path) -> None:
     """Explicitly download and extract a dataset with torchvision (needs internet).
 
-    Never called implicitly: training only ever reads what is on disk.
+    Never called implicitly: training only ever reads what is on disk. For ``mnist``,
+    ``torchvision.datasets.MNIST`` downloads the four ``.gz`` files into ``ROOT/MNIST/raw`` and
+    extracts them there, and only when a file is missing: torchvision checks no content (it
+    would skip the download and then fail parsing a present but damaged file with a bare
+    RuntimeError), so a damaged file is named by :func:`check_dataset` instead, whose message
+    says to delete it and download again.
     """
     info = _info(name)
-    if info.name not in ("cifar10", "cifar100_20", "stl10"):
+    if info.name not in ("cifar10", "cifar100_20", "stl10", "mnist"):
         raise ValueError(f"dataset {name!r} cannot be downloaded: {info.how_to_get}")
     from torchvision import datasets as tvd
 
@@ -833,6 +993,10 @@ def download_dataset(name: str, data_root: str | Path) -> None:
         tvd.CIFAR10(str(root), train=True, download=True)
     elif info.name == "cifar100_20":
         tvd.CIFAR100(str(root), train=True, download=True)
+    elif info.name == "mnist":
+        if any(not p.is_file() for p in expected_files(name, root, info.splits)):
+            for train in (True, False):
+                tvd.MNIST(str(root), train=train, download=True)
     else:
         tvd.STL10(str(root), split="train", download=True)
     check_dataset(name, root, info.splits)
@@ -910,6 +1074,7 @@ def build_splits(
     val_fraction: float = 0.0,
     seed: int = 0,
     image_size: int | None = None,
+    limit: int | None = None,
 ) -> DataSplits:
     """Assemble train/val/test for one evaluation protocol.
 
@@ -923,6 +1088,7 @@ def build_splits(
     train and val is preserved). ``mean``/``std`` come from :data:`DATASETS`, or
     are computed from the dataset's ``train`` split (at the served size) when
     ``None`` there, so they do not depend on protocol, seed or validation.
+    ``limit`` keeps the first images of every split (:func:`_first`).
     """
     info = _info(name)
     if protocol not in PROTOCOLS:
@@ -941,7 +1107,7 @@ def build_splits(
     check_dataset(name, data_root, needed)
     root = _root(info, data_root)
 
-    raw = {split: _read_raw(info, root, split, size) for split in needed}
+    raw = {split: _first(_read_raw(info, root, split, size), limit) for split in needed}
     n_train_split = raw["train"][0].shape[0]
     test = _materialize([raw["test"]], size)
     # Every pool is owned here: either a fresh concatenation or the train

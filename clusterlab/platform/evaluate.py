@@ -175,7 +175,7 @@ def _local_device(device: str | None) -> str:
 def _features_for_split(method: Method, meta: DataMeta, cfg: ExperimentConfig, split: str, out_dir: Path,
                         device: str, progress: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Read the split's features file if it exists, else extract it (streamed in row groups)."""
-    images = load_split(cfg.data.name, cfg.data.root, split, meta.image_size)
+    images = load_split(cfg.data.name, cfg.data.root, split, meta.image_size, cfg.data.limit)
     path = out_dir / f"{split}.parquet"
     if not path.exists():
         method.to(device)

@@ -191,7 +191,7 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
     np.random.seed(cfg.seed + rank)
 
     splits = build_splits(cfg.data.name, cfg.data.root, cfg.data.protocol, cfg.data.val_fraction,
-                          cfg.seed, cfg.data.image_size)
+                          cfg.seed, cfg.data.image_size, cfg.data.limit)
     image_size = splits.train.images.shape[-1]
     meta = DataMeta(splits.num_classes, image_size, tuple(splits.mean), tuple(splits.std))
     train_images = torch.from_numpy(splits.train.images).to(device)

@@ -170,7 +170,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, int]:
     except DatasetNotFoundError as exc:
         raise ConfigError(f"data.root: {exc}") from None
     splits = build_splits(cfg.data.name, cfg.data.root, cfg.data.protocol, cfg.data.val_fraction,
-                          cfg.seed, cfg.data.image_size)
+                          cfg.seed, cfg.data.image_size, cfg.data.limit)
     sizes = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
              "num_classes": splits.num_classes}
     if cfg.batch_size > sizes["train"]:
