@@ -89,7 +89,7 @@ class AugmentConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    backbone: Literal["resnet18", "small_cnn"] = "resnet18"
+    backbone: Literal["resnet18", "small_cnn", "iic_vgg4"] = "resnet18"
     stem: Literal["auto", "cifar", "imagenet"] = Field(
         "auto", description="auto: CIFAR stem (3x3 conv, no max-pool) for <= 64 px inputs"
     )
@@ -350,6 +350,10 @@ class ExperimentConfig(StrictModel):
             )
         if self.data.protocol == "train+unlabeled" and self.data.name != "stl10":
             raise ValueError("data.protocol 'train+unlabeled' exists for data.name 'stl10' only")
+        if self.method == "excb" and self.model.backbone == "iic_vgg4" and self.excb.local_crops:
+            raise ValueError("excb.local_crops: model.backbone 'iic_vgg4' flattens its last feature map, so it "
+                             "takes one image size only and cannot embed ExCB's smaller local crops; set "
+                             "excb.local_crops=0 or another backbone")
         if self.data.name == "imagefolder" and self.data.image_size is None:
             raise ValueError("data.image_size is required for data.name 'imagefolder'")
         if self.data.name not in ("digits",) and self.data.root is None:

@@ -195,3 +195,9 @@ def test_checkpoints_from_before_the_threshold_split_still_load(labeling, field)
         assert getattr(cfg.lsdc, field) == 0.42 and cfg.lsdc.threshold == 0.42
     with pytest.raises(ConfigError, match="threshold"):
         build_config(stored, "a user's config")  # only stored configs are carried over
+
+
+def test_excb_local_crops_are_refused_on_the_single_size_mnist_net():
+    with pytest.raises(ConfigError, match="excb.local_crops.*iic_vgg4"):
+        load_config(None, ["model.backbone=iic_vgg4"], preset="excb_digits")
+    assert load_config(None, ["model.backbone=iic_vgg4", "excb.local_crops=0"], preset="excb_digits").excb.local_crops == 0
