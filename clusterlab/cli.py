@@ -245,6 +245,23 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Fill a published table (e.g. LSD-C Table 2, MNIST) from finished MLflow runs, print it and
+    write it as that table's section of --out."""
+    from pathlib import Path
+
+    from clusterlab.platform import report, tracking
+
+    paper = report.paper_table(args.paper)  # bad input is refused before the store is opened
+    out = Path(args.out or report.DEFAULT_OUT)
+    report.check_out(out)
+    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
+    command = report.command_line(args.experiment, args.paper, args.out, args.tracking_uri)
+    print(report.write_report(client, args.paper, args.experiment, out, command), end="")
+    print(f"\nwritten to {out} (section '## {paper.title}')")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     """``runs reconcile``: close the RUNNING runs whose process died."""
     from clusterlab.platform import tracking
@@ -370,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", help="MLflow search filter, e.g. \"params.method = 'mixem'\"")
     _eval_args(p)
     p.set_defaults(func=cmd_reeval)
+
+    p = sub.add_parser("report", help="reproduce a published table from finished runs; writes REPRODUCTIONS.md",
+                       description="Reads the FINISHED runs of the experiments from MLflow and fills the paper "
+                                   "table's rows: mean +- std (population) over seeds, per-seed values, seeds, wall "
+                                   "time, hardware and commit, beside the paper's value and whether the target is "
+                                   "met. Prints the table as Markdown and replaces that table's section of --out "
+                                   "(other sections are kept).")
+    p.add_argument("--experiment", action="append", required=True,
+                   help="MLflow experiment holding runs of the table (repeatable)")
+    p.add_argument("--paper", required=True,
+                   help="paper table, e.g. lsdc_mnist (LSD-C Table 2, MNIST); an unknown name lists the known ones")
+    p.add_argument("--out", help="Markdown file to write the section into (default: REPRODUCTIONS.md in the cwd)")
+    p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="print the resolved, validated config as YAML",
                        description="Resolve defaults < preset < YAML < overrides, validate, and print the result.")

@@ -38,6 +38,7 @@ TRIAL_TAG = "clusterlab.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests runs carrying this tag under the parent in its UI
 NODE_TAG = "clusterlab.node_id"  # Ray node id of the rank-0 training worker (its latest start)
 NODE_IP_TAG = "clusterlab.node_ip"
+HARDWARE_TAG = "clusterlab.hardware"  # "<workers> x <device>" of the latest start (clusterlab report shows it)
 OWNER_TAG = "clusterlab.owner"  # "<host>/<pid>/<process start time>" of the process that ends the run
 FAILURE_TAG = "failure_reason"
 RESUMED_AFTER_TAG = "clusterlab.resumed_after"  # the failure_reason of the attempt a resumed run continues

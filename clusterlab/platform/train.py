@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import platform
 import re
 import signal
 import tempfile
@@ -61,6 +62,24 @@ class TrainResult:
     metrics: dict[str, float]
 
 
+def hardware_description(device: torch.device, world_size: int) -> str:
+    """The run's :data:`tracking.HARDWARE_TAG` as rank 0 sees it: ``"<world size> x <device>"``,
+    e.g. ``"2 x NVIDIA H200"`` (:func:`torch.cuda.get_device_name`) or ``"1 x CPU (AMD EPYC, 2 of
+    2 cores)"`` (the threads this worker computes with, of the machine's logical CPUs). The CPU
+    model is /proc/cpuinfo's ``model name`` where there is one, else :func:`platform.processor`.
+    REPRODUCTIONS.md reports it beside each measured number (LSD-C Table 2 and the others)."""
+    if device.type == "cuda":
+        return f"{world_size} x {torch.cuda.get_device_name(device)}"
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:  # not Linux
+        pass
+    model = model or platform.processor() or "unknown model"
+    return f"{world_size} x CPU ({model}, {torch.get_num_threads()} of {os.cpu_count()} cores)"
+
+
 class RaySession:
     """:class:`~clusterlab.platform.loop.TrainSession` inside a Ray Train worker."""
 
@@ -80,7 +99,8 @@ class RaySession:
 
             tracking.log_final(self._client, run_id, {}, tags={
                 tracking.NODE_TAG: ray.get_runtime_context().get_node_id(),
-                tracking.NODE_IP_TAG: ray.util.get_node_ip_address()})
+                tracking.NODE_IP_TAG: ray.util.get_node_ip_address(),
+                tracking.HARDWARE_TAG: hardware_description(self.device, self.world_size)})
             self._metrics = tracking.EpochLogger(self._client, run_id, step_key="lr")  # lr: logged every epoch
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
