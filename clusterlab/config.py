@@ -56,6 +56,12 @@ class DataConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="use only the first N images of every split (a smoke test, "
                               "a quick look); null = all")
 
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, v: Path | None) -> Path | None:
+        """Relative to where the command runs: Ray Train workers run in another directory."""
+        return None if v is None else v.expanduser().absolute()
+
 
 class AugmentConfig(StrictModel):
     """SimCLR augmentation as in MIX'EM supplementary 1.2, applied per sample on whole batches."""

@@ -201,3 +201,9 @@ def test_excb_local_crops_are_refused_on_the_single_size_mnist_net():
     with pytest.raises(ConfigError, match="excb.local_crops.*iic_vgg4"):
         load_config(None, ["model.backbone=iic_vgg4"], preset="excb_digits")
     assert load_config(None, ["model.backbone=iic_vgg4", "excb.local_crops=0"], preset="excb_digits").excb.local_crops == 0
+
+
+def test_a_relative_data_root_is_resolved_where_the_command_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Ray Train workers start elsewhere: the config must carry an absolute path
+    assert load_config(None, ["data.root=data"], preset="simclr_cifar10").data.root == tmp_path / "data"
+    assert load_config(None, ["data.root=~/d"], preset="simclr_cifar10").data.root == Path.home() / "d"
