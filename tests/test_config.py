@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from clusterlab.config import PRESETS, ConfigError, apply_overrides, build_config, flatten, load_config, parse_yaml
@@ -162,11 +164,14 @@ def test_overrides_may_follow_the_options():
 
 def test_lsdc_presets_train_and_evaluate_on_the_whole_dataset():
     """LSD-C Sec. 4: "we train and test the methods on the whole dataset"; its RotNet
-    pretraining stage is evaluated the same way. The other presets keep the test split."""
+    pretraining stage is evaluated the same way, and so is every MNIST preset (the MNIST
+    clustering protocol). The other presets keep the test split."""
     for name, raw in PRESETS.items():
         overrides = [] if raw["data"]["name"] == "digits" else ["data.root=/data"]
         cfg = load_config(None, overrides, preset=name)
         if name.startswith("lsdc_"):
+            assert (cfg.data.protocol, cfg.eval.split) == ("train+test", "all"), name
+        elif name.endswith("_mnist"):  # the MNIST clustering protocol, for every method
             assert (cfg.data.protocol, cfg.eval.split) == ("train+test", "all"), name
         elif name.startswith("rotnet_"):
             assert cfg.eval.split == "all", name
