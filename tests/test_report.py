@@ -26,12 +26,14 @@ TITLE = PAPERS["lsdc_mnist"].title
 
 def add_run(client: MlflowClient, exp: str, method: str, seed: int, metrics: dict[str, float], *,
             start_min: float = 0.0, minutes: float = 10.0, status: str = "FINISHED", dataset: str = "mnist",
-            hardware: str = "1 x NVIDIA H200", commit: str = "0123456789abcdef", tags: dict | None = None) -> str:
+            hardware: str = "1 x NVIDIA H200", commit: str = "0123456789abcdef", tags: dict | None = None,
+            epochs: int = 15) -> str:
     run = client.create_run(exp, start_time=int(T0 + start_min * 60000), run_name=f"{method}-{seed}",
                             tags={"method": method, "dataset": dataset, "git_commit": commit, HARDWARE_TAG: hardware,
                                   "clusterlab.run_name": f"{method}-{seed}", **(tags or {})})
     run_id = run.info.run_id
-    for key, value in (("seed", seed), ("data.name", dataset), ("eval.split", "all"), ("method", method)):
+    for key, value in (("seed", seed), ("data.name", dataset), ("eval.split", "all"), ("method", method),
+                       ("epochs", epochs)):
         client.log_param(run_id, key, str(value))
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
@@ -53,7 +55,7 @@ def store(tracking_uri):
     client = MlflowClient(tracking_uri)
     encoders, lsdc = client.create_experiment("encoders"), client.create_experiment("lsdc")
     add_run(client, encoders, "rotnet", 0, {"kmeans_raw_acc": ROTNET, "kmeans_norm_acc": 0.9,
-                                            "pixels_acc": ROTNET_PIXELS}, minutes=60)
+                                            "pixels_acc": ROTNET_PIXELS}, minutes=60, epochs=2)  # shortened
     add_run(client, encoders, "simclr", 0, {"kmeans_norm_acc": 0.99}, status="FAILED")
     add_run(client, encoders, "lsdc", 7, {"head_acc": 0.2, "pixels_acc": 0.2}, dataset="cifar10")
     add_run(client, lsdc, "lsdc", 0, {"head_acc": 0.1, "pixels_acc": 0.1}, tags={"clusterlab.role": "parent"})
@@ -89,22 +91,22 @@ def test_report_rows_from_finished_runs(store, tmp_path, capsys):
 
     # LSD-C: mean +- population std of the five seeds (the parent and the CIFAR-10 run left out)
     row = table_row(printed, "LSD-C (cluster head)")
-    assert row[1:6] == ["`head_acc`", "98.6 +- 0.5 (10 seeds; LSD-C Table 2)", pct(LSDC), "5", ">= 97.6: met"]
-    assert row[6] == "30.0 min/run, 2.5 h total"  # 10, 20, ..., 50 minutes
-    assert row[7] == "1 x NVIDIA H200; 2 x NVIDIA H200" and row[8] == "01234567, fedcba98"
+    assert row[1:7] == ["`head_acc`", "98.6 +- 0.5 (10 seeds; LSD-C Table 2)", pct(LSDC), "5", "15", ">= 97.6: met"]
+    assert row[7] == "30.0 min/run, 2.5 h total"  # 10, 20, ..., 50 minutes
+    assert row[8] == "1 x NVIDIA H200; 2 x NVIDIA H200" and row[9] == "01234567, fedcba98"
     assert "- LSD-C (cluster head): 0: 98.1, 1: 97.5, 2: 99.0, 3: 96.8, 4: 98.6" in printed
 
     # raw pixels: one value per seed over every method, seed 0 from the earliest run (RotNet's)
     pixels = [ROTNET_PIXELS, *LSDC_PIXELS[1:]]
     row = table_row(printed, "K-means on raw pixels")
-    assert row[3:7] == [pct(pixels), "5", "within 3 of 57.2: missed", "-"]
+    assert row[3:8] == [pct(pixels), "5", "-", "within 3 of 57.2: missed", "-"]  # epochs and time: other rows
     assert "- K-means on raw pixels: 0: 51.1, 1: 52.1, 2: 54.0, 3: 52.5, 4: 53.3" in printed
 
     # one RotNet seed: no std; its wall time; rows nobody ran
     row = table_row(printed, "RotNet + K-means on its features")
-    assert row[2:7] == ["-", "87.4", "1", "-", "60.0 min/run, 60.0 min total"]
+    assert row[2:8] == ["-", "87.4", "1", "2", "-", "60.0 min/run, 60.0 min total"]  # the epochs it trained
     for label in ("SimCLR + K-means", "MIX'EM Max Comp", "MIX'EM-initialised K-means"):
-        assert table_row(printed, label)[3:6] == ["no runs", "0", "-"]
+        assert table_row(printed, label)[3:7] == ["no runs", "0", "-", "-"]
 
     assert ("Written by: `clusterlab report --experiment encoders --experiment lsdc --paper lsdc_mnist "
             f"--out {tmp_path / 'REPRODUCTIONS.md'}`") in section
@@ -118,8 +120,8 @@ def test_target_met_and_missed(tracking_uri, tmp_path, capsys):
         add_run(client, exp, "lsdc", seed, {"head_acc": acc, "pixels_acc": pixels})
     assert cli.main(["report", "--experiment", "lsdc", "--paper", "lsdc_mnist", "--out", str(tmp_path / "r.md")]) == 0
     printed = capsys.readouterr().out
-    assert table_row(printed, "LSD-C (cluster head)")[3:6] == [pct([0.970, 0.976]), "2", ">= 97.6: missed"]
-    assert table_row(printed, "K-means on raw pixels")[3:6] == [pct([0.590, 0.600]), "2", "within 3 of 57.2: met"]
+    assert table_row(printed, "LSD-C (cluster head)")[3:7] == [pct([0.970, 0.976]), "2", "15", ">= 97.6: missed"]
+    assert table_row(printed, "K-means on raw pixels")[3:7] == [pct([0.590, 0.600]), "2", "-", "within 3 of 57.2: met"]
 
 
 def test_rewrite_replaces_only_its_section(store, tmp_path, capsys):
