@@ -59,8 +59,9 @@ class DataConfig(StrictModel):
     @field_validator("root")
     @classmethod
     def _absolute_root(cls, v: Path | None) -> Path | None:
-        """Relative to where the command runs: Ray Train workers run in another directory."""
-        return None if v is None else v.expanduser().absolute()
+        """A relative root is taken from where the command runs (Ray Train workers run in
+        another directory); ``~`` is left for each node to expand to its own HOME."""
+        return v if v is None or str(v).startswith("~") else v.absolute()
 
 
 class AugmentConfig(StrictModel):

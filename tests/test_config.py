@@ -211,4 +211,4 @@ def test_excb_local_crops_are_refused_on_the_single_size_mnist_net():
 def test_a_relative_data_root_is_resolved_where_the_command_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Ray Train workers start elsewhere: the config must carry an absolute path
     assert load_config(None, ["data.root=data"], preset="simclr_cifar10").data.root == tmp_path / "data"
-    assert load_config(None, ["data.root=~/d"], preset="simclr_cifar10").data.root == Path.home() / "d"
+    assert str(load_config(None, ["data.root=~/d"], preset="simclr_cifar10").data.root) == "~/d"  # per node
