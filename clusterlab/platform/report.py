@@ -129,11 +129,12 @@ class Measured:
         return 100 * stats["acc_mean"], 100 * stats["acc_std"]
 
 
-def _seed_order(seed: str) -> tuple[int, float | str]:
+def _numeric_first(value: str) -> tuple[int, float | str]:
+    """Sort key for param values (seeds, epochs): numbers in numeric order, then the rest."""
     try:
-        return 0, float(seed)
+        return 0, float(value)
     except ValueError:
-        return 1, seed
+        return 1, value
 
 
 def finished_runs(client: MlflowClient, experiments: list[str], params: dict[str, str]) -> dict[str, list[Any]]:
@@ -178,10 +179,10 @@ def measure(row: Row, runs: list[Any]) -> Measured:
                 raise ConfigError(
                     f"--experiment: {len(same)} FINISHED {row.method} runs with seed {seed} ({names}) for the row "
                     f"{row.label!r}; a row takes one run per seed: pass experiments holding one run per seed")
-    chosen = {seed: same[0] for seed, same in sorted(by_seed.items(), key=lambda kv: _seed_order(kv[0]))}
+    chosen = {seed: same[0] for seed, same in sorted(by_seed.items(), key=lambda kv: _numeric_first(kv[0]))}
     minutes = tuple((r.info.end_time - r.info.start_time) / 60000 for r in chosen.values()
                     if row.method is not None and r.info.end_time and r.info.start_time)
-    epochs = tuple(sorted({r.data.params.get("epochs", "?") for r in chosen.values()}, key=_seed_order)
+    epochs = tuple(sorted({r.data.params.get("epochs", "?") for r in chosen.values()}, key=_numeric_first)
                    if row.method is not None else ())
     return Measured(row, {seed: float(r.data.metrics[row.metric]) for seed, r in chosen.items()}, minutes, epochs,
                     tuple(sorted({r.data.tags.get(tracking.HARDWARE_TAG, "not recorded") for r in chosen.values()})),
