@@ -15,6 +15,11 @@ afterwards, so a Ctrl+C during evaluation would be swallowed); Tune's ``fit`` on
 taken back after ``ray.init`` (:func:`reclaim_signals`), Ray Train's ``fit`` runs off the main
 thread, where Train installs nothing (:func:`call_off_main_thread`, as Tune runs it), and a
 sweep turns both signals into Tune's own graceful stop (:func:`stop_tune_gracefully`).
+
+A handler's exception is lost when the signal lands in code whose exceptions Python only
+reports ("Exception ignored in ..."): an at-fork hook while ``ray.init`` spawns its processes,
+a ``__del__``, a weakref callback. The signal is therefore also remembered, and
+:func:`reclaim_signals` and :func:`call_off_main_thread` raise it if it was swallowed.
 """
 
 from __future__ import annotations
@@ -53,38 +58,50 @@ def as_interrupted(exc: KeyboardInterrupt) -> Interrupted:
     return exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
 
 
+_catching = False  # whether a command is inside catch_signals(): only then is a handler taken back
+_received: int | None = None  # the signal caught inside catch_signals(), kept in case it was swallowed
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    global _received
+    _received = signum
     raise Interrupted(signum)
 
 
-_catching = False  # whether a command is inside catch_signals(): only then is a handler taken back
+def raise_if_interrupted() -> None:
+    """Raise the :class:`Interrupted` a signal caught earlier in this command raised where it was
+    swallowed (a no-op when none was caught: one that propagated never reaches here)."""
+    if _received is not None:
+        raise Interrupted(_received)
 
 
 @contextmanager
 def catch_signals() -> Iterator[None]:
     """For the duration of a command: SIGINT and SIGTERM raise :class:`Interrupted` in the main
     thread. Outside the main thread (a library caller's worker thread) nothing is installed."""
-    global _catching
+    global _catching, _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in HANDLED}
-    _catching = True
+    _catching, _received = True, None
     reclaim_signals()
     try:
         yield
     finally:
-        _catching = False
+        _catching, _received = False, None
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
 def reclaim_signals() -> None:
     """Install the :class:`Interrupted` handler again after a library replaced it (``ray.init``
-    installs its own SIGTERM handler). A no-op outside :func:`catch_signals`."""
+    installs its own SIGTERM handler), and raise a signal that library swallowed. A no-op outside
+    :func:`catch_signals`."""
     if _catching and threading.current_thread() is threading.main_thread():
         for s in HANDLED:
             signal.signal(s, _raise_interrupted)
+        raise_if_interrupted()
 
 
 def call_off_main_thread(fn: Callable[[], T]) -> T:
@@ -106,6 +123,7 @@ def call_off_main_thread(fn: Callable[[], T]) -> T:
     helper = threading.Thread(target=target, name="clusterlab-fit", daemon=True)
     helper.start()
     helper.join()  # interruptible: a signal handler runs, and its exception propagates, while waiting
+    raise_if_interrupted()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
