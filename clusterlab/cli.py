@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, load_config
+from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, load_config
 from clusterlab.redact import redact_text, redact_uri
 
 OVERRIDES_HELP = "dotted key=value overrides, e.g. optim.lr=3e-4 data.name=cifar10 epochs=50"
@@ -216,9 +216,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    if args.dry_run:
+        return _print_sweep_plan(args.space, overrides, args.name)
     from clusterlab.platform.sweep import run_sweep
 
-    overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
     result = run_sweep(args.space, overrides, name=args.name, address=args.address, resume=args.resume)
     print(f"\nsweep {result.name!r}: {result.trials} trials, {result.failed} failed")
     if result.best_run_id:
@@ -232,6 +234,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if result.heatmap:
         print(f"heatmap: {result.heatmap} (and .csv), logged to the parent run")
     print(f"\nMLflow experiment {result.name!r}, parent run {result.parent_run_id}; open it with: clusterlab ui")
+    return 0
+
+
+def _print_sweep_plan(space_path: str, overrides: list[str], name: str | None) -> int:
+    """``sweep --dry-run``: the resolved base config as YAML, then the trials as comments.
+    Imports neither Ray nor MLflow, so it answers at once."""
+    from clusterlab.search_space import load_search_space, sweep_name, trial_plan
+
+    space, base, _ = load_search_space(space_path, overrides)
+    name = sweep_name(space, space_path, name)
+    base.setdefault("tracking", {})["experiment"] = name
+    print(f"# sweep {name!r}: the base config every trial starts from (searched keys vary per trial)")
+    print(build_config(base, f"{space_path}: base").to_yaml(), end="")
+    print("\n".join(f"# {line}" for line in trial_plan(space)))
     return 0
 
 
@@ -344,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints")
     p.add_argument("--data-root", help="directory holding the datasets (sets data.root)")
     p.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: local Ray)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved base config and every trial, then exit (starts neither Ray nor MLflow)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("heatmap", help="draw a sweep's loss-weight heatmap (MIX'EM supplementary Figs. 1-3)",

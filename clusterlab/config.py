@@ -13,6 +13,7 @@ fails here, naming the field and the allowed values, before Ray or MLflow start.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from datetime import datetime
 from pathlib import Path
@@ -685,19 +686,36 @@ def build_stored_config(raw: Mapping[str, Any], source: str) -> ExperimentConfig
     return build_config(raw, source)
 
 
-def load_config(
+def dotted_overrides(values: Mapping[str, Any]) -> list[str]:
+    """``{dotted key: value}`` as ``key=value`` overrides. JSON is valid YAML, so every value
+    round-trips through :func:`apply_overrides` unchanged."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def resolve_raw(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     preset: str | None = None,
-) -> ExperimentConfig:
-    """Build a config: defaults < preset < YAML file < ``key=value`` overrides.
+    fixed: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], str]:
+    """The one resolution of a config, used by ``train``, ``config``, ``sweep`` and the demo.
+
+    Layers, later ones winning: defaults < preset < YAML file < ``fixed`` (a search space's
+    ``overrides:`` and ``resources:``, dotted keys) < ``key=value`` overrides (the command
+    line). A sweep's searched values come after all of these; the command line may not name a
+    searched key (:func:`clusterlab.search_space.load_search_space` refuses it).
 
     The preset is, in order: the ``preset`` argument, a ``preset:`` key in the YAML file, or
-    ``<method>_<dataset>`` when such a preset exists for the method and dataset the file and
-    overrides ask for.
+    ``<method>_<dataset>`` when such a preset exists for the method and dataset the layers above
+    it ask for. Returns the raw mapping (unvalidated) and a label naming its sources.
     """
     user: dict[str, Any] = read_yaml_file(path) if path else {}
-    preset = preset or user.pop("preset", None)
+    file_preset = user.pop("preset", None)
+    if preset is None and file_preset is not None:
+        preset = file_preset
+        if preset not in PRESETS:
+            raise ConfigError(f"{path}: preset: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    user = apply_overrides(user, dotted_overrides(fixed or {}))
     user = apply_overrides(user, overrides)
     if preset is None:
         method = user.get("method", ExperimentConfig.model_fields["method"].default)
@@ -707,8 +725,19 @@ def load_config(
     elif preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
     raw = deep_merge(PRESETS[preset], user) if preset else user
-    source = " + ".join(s for s in (f"preset {preset}" if preset else "", str(path or ""), "overrides" if overrides else "") if s)
-    return build_config(raw, source or "defaults")
+    layers = (f"preset {preset}" if preset else "", str(path or ""), "search space" if fixed else "",
+              "overrides" if overrides else "")
+    return raw, " + ".join(s for s in layers if s) or "defaults"
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    preset: str | None = None,
+) -> ExperimentConfig:
+    """The validated config of ``clusterlab train`` / ``config``: :func:`resolve_raw` without a
+    search space."""
+    return build_config(*resolve_raw(path, overrides, preset))
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:

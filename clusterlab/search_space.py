@@ -29,9 +29,10 @@ This module imports neither Ray nor MLflow.
 from __future__ import annotations
 
 import json
+import re
 from itertools import product
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -41,13 +42,13 @@ from clusterlab.config import (
     ConfigError,
     ExperimentConfig,
     ResourcesConfig,
-    deep_merge,
-    format_validation_error,
     StrictModel,
     apply_overrides,
     build_config,
+    dotted_overrides,
+    format_validation_error,
     parse_yaml,
-    read_yaml_file,
+    resolve_raw,
 )
 from clusterlab.trainers import METHODS
 
@@ -146,39 +147,33 @@ class SearchSpace(StrictModel):
         return size * self.tune.num_samples
 
 
-def _dotted_overrides(values: dict[str, Any]) -> list[str]:
-    # JSON is valid YAML, so every value round-trips through apply_overrides unchanged.
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
-
-
-def resolve_base(space: SearchSpace, source: Path | None, extra_overrides: list[str]) -> dict[str, Any]:
-    """The base config as a raw mapping: preset or YAML file, then ``overrides``, then the
-    command line's ``key=value``."""
-    if space.base in PRESETS:
-        raw: dict[str, Any] = dict(PRESETS[space.base])
-    else:
-        path = Path(space.base).expanduser()
+def resolve_base(space: SearchSpace, source: Path | None, extra_overrides: Sequence[str]) -> dict[str, Any]:
+    """The base config as a raw mapping, resolved as ``clusterlab train``
+    resolves a config (:func:`~clusterlab.config.resolve_raw`): the ``base`` preset or YAML file
+    (whose ``preset:`` key, or else the implicit ``<method>_<dataset>`` preset, applies), then the
+    space's ``overrides`` and ``resources``, then the command line's ``key=value``."""
+    preset, path = (space.base, None) if space.base in PRESETS else (None, Path(space.base).expanduser())
+    if path is not None:
         if not path.is_absolute() and source is not None:
             path = source.parent / path
         if not path.is_file():
             raise ConfigError(f"base: {space.base!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                               f"nor a config file ({path} does not exist)")
-        raw = read_yaml_file(path)
-        preset = raw.pop("preset", None)
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ConfigError(f"base: {path}: unknown preset {preset!r}")
-            raw = deep_merge(PRESETS[preset], raw)
-    raw = apply_overrides(raw, _dotted_overrides(space.overrides))
-    raw = apply_overrides(raw, extra_overrides)
-    if space.resources is not None:
-        raw["resources"] = space.resources.model_dump()
-    return raw
+    fixed = dict(space.overrides)
+    if space.resources is not None:  # only the fields the space sets: the base's others stay
+        fixed |= {f"resources.{k}": v for k, v in space.resources.model_dump(mode="json", exclude_unset=True).items()}
+    searched_on_command_line = [item for item in extra_overrides if item.partition("=")[0] in space.search]
+    if searched_on_command_line:
+        key = searched_on_command_line[0].partition("=")[0]
+        raise ConfigError(f"override {searched_on_command_line[0]!r}: {key} is searched by the space (search.{key}); "
+                          f"a fixed value would make every trial alike: drop the override, or take {key} out "
+                          f"of search:")
+    return resolve_raw(path, extra_overrides, preset, fixed)[0]
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], source: str = "trial") -> ExperimentConfig:
     """The validated config of one trial: the base with the searched values applied."""
-    return build_config(apply_overrides(base, _dotted_overrides(params)), source)
+    return build_config(apply_overrides(base, dotted_overrides(params)), source)
 
 
 def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> None:
@@ -207,7 +202,7 @@ def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> None:
                           f"{probe.epochs} epochs a trial trains; set max_t <= epochs")
 
 
-def load_search_space(path: str | Path, extra_overrides: list[str] = ()) -> tuple[SearchSpace, dict[str, Any], str]:
+def load_search_space(path: str | Path, extra_overrides: Sequence[str] = ()) -> tuple[SearchSpace, dict[str, Any], str]:
     """Read and validate a search-space file -> (space, raw base config, the file's text)."""
     path = Path(path)
     if not path.is_file():
@@ -221,9 +216,36 @@ def load_search_space(path: str | Path, extra_overrides: list[str] = ()) -> tupl
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), SearchSpace)) from None
-    base = resolve_base(space, path, list(extra_overrides))
+    base = resolve_base(space, path, extra_overrides)
     check_space(space, base, str(path))
     return space, base, text
+
+
+def sweep_name(space: SearchSpace, path: str | Path, name: str | None = None) -> str:
+    """The sweep's name (= its MLflow experiment): ``--name``, else the space's ``name:``, else the
+    file's stem; refused where it would break MLflow filters or storage paths."""
+    name = name or space.name or Path(path).stem
+    if not re.fullmatch(SAFE_NAME, name):
+        raise ConfigError(f"sweep name {name!r}: use letters, digits, '_', '.', '-' only, starting with a letter or "
+                          "digit (it names the MLflow experiment, MLflow search filters and a storage directory)")
+    return name
+
+
+def trial_plan(space: SearchSpace) -> list[str]:
+    """What Tune will run, one line per trial: the grid point and, for the sampled keys, their
+    domain (``--dry-run`` prints it)."""
+    sampled = " ".join(f"{k}~{d.kind}{list(getattr(d, d.kind))}" for k, d in space.search.items() if d.kind != "grid")
+    points = grid_points(space)
+    lines = []
+    for repeat in range(space.tune.num_samples):
+        for point in points:
+            values = " ".join(f"{k}={json.dumps(v)}" for k, v in point.items())
+            lines.append(f"trial {len(lines) + 1:>3}: {' '.join(s for s in (values, sampled) if s)}")
+    scheduler = space.tune.scheduler
+    asha = (f" (max_t {scheduler.max_t}, grace {scheduler.grace_period}, reduction {scheduler.reduction_factor:g})"
+            if isinstance(scheduler, AshaScheduler) else "")
+    return [f"{space.trial_count()} trials, scheduler {scheduler.name}{asha}, best trial by {space.tune.metric} "
+            f"({space.tune.mode}), sampling seed {space.tune.seed}", *lines]
 
 
 def grid_points(space: SearchSpace) -> list[dict[str, Any]]:

@@ -13,13 +13,12 @@ and its MLflow child run carries the trial id, so nothing is logged twice.
 
 from __future__ import annotations
 
-import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clusterlab.config import SAFE_NAME, ConfigError, ExperimentConfig, build_config
+from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.interrupts import Interrupted, stop_tune_gracefully
 from clusterlab.platform.loop import NonFiniteLossError, TrainingOutOfMemoryError
@@ -38,7 +37,7 @@ from clusterlab.platform.train import (
 )
 from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from clusterlab.redact import redact_text, redact_uri
-from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, trial_config
+from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, sweep_name, trial_config
 from clusterlab.trainers import METHODS
 
 # failure_reason categories that a retry with the same settings would repeat.
@@ -184,10 +183,7 @@ def run_sweep(
 ) -> SweepResult:
     """Validate the search space, run (or resume) the sweep on Ray Tune, record it in MLflow."""
     space, base, text = load_search_space(space_path, overrides or [])
-    name = name or space.name or Path(space_path).stem
-    if not re.fullmatch(SAFE_NAME, name):
-        raise ConfigError(f"sweep name {name!r}: use letters, digits, '_', '.', '-' only, starting with a letter or "
-                          "digit (it names the MLflow experiment, MLflow search filters and a storage directory)")
+    name = sweep_name(space, space_path, name)
     base.setdefault("tracking", {})["experiment"] = name
     base["storage_path"] = storage_uri(ExperimentConfig.model_validate(base))  # absolute: trials run elsewhere
     base_cfg = ExperimentConfig.model_validate(base)
