@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, load_config
+from clusterlab.methods import result_rows
 from clusterlab.redact import redact_text, redact_uri
 
 OVERRIDES_HELP = "dotted key=value overrides, e.g. optim.lr=3e-4 data.name=cifar10 epochs=50"
@@ -79,14 +80,6 @@ def _ui_hint(cfg: ExperimentConfig) -> str:
     return f"mlflow ui --backend-store-uri {redact_uri(resolve_tracking_uri(cfg.tracking.uri))}   (or: clusterlab ui)"
 
 
-RESULT_ROWS = [
-    ("K-means, L2-normalised representations", "kmeans_norm"),
-    ("K-means, raw representations", "kmeans_raw"),
-    ("MIX'EM dominant component (Max Comp)", "maxcomp"),
-    ("K-means initialised by MIX'EM", "kmeans_mixinit"),
-    ("cluster head, argmax (LSD-C, ExCB)", "head"),
-    ("K-means on raw pixels", "pixels"),
-]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -99,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, address=args.address)
     print(f"\nrun {result.run_name} (MLflow run {result.run_id}) finished; checkpoint: {result.checkpoint_dir}")
     if result.metrics:
-        _print_metrics_table({cfg.method: result.metrics}, RESULT_ROWS, cfg.eval.split)
+        _print_metrics_table({cfg.method: result.metrics}, result_rows([cfg.method]), cfg.eval.split)
     print(f"\nopen the MLflow UI: {_ui_hint(cfg)}")
     return 0
 
@@ -116,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mixem_cfg = load_config(None, [*common, f"init_from={base.checkpoint_dir}"], preset="mixem_digits")
     print(f"clusterlab demo 2/2: MIX'EM continued from the base encoder ({mixem_cfg.epochs} epochs)", flush=True)
     mixem = train(mixem_cfg, address=args.address)
-    _print_metrics_table({"SimCLR": base.metrics, "MIX'EM": mixem.metrics}, RESULT_ROWS)
+    _print_metrics_table({"SimCLR": base.metrics, "MIX'EM": mixem.metrics}, result_rows(["simclr", "mixem"]))
     print(f"\nMLflow runs {base.run_id} (SimCLR) and {mixem.run_id} (MIX'EM) in experiment 'clusterlab-demo'. "
           f"Open the UI with:\n  {_ui_hint(base_cfg)}")
     return 0
@@ -172,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                          device=args.device, seed=args.seed, plots=options.plots)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-    _print_metrics_table({"evaluation": result.metrics}, RESULT_ROWS, result.split)
+    _print_metrics_table({"evaluation": result.metrics}, result_rows(), result.split)
     if "linear_probe_acc" in result.metrics:
         print(f"{'linear probe (train -> test)':<40}{result.metrics['linear_probe_acc']:>10.3f}")
     if args.run_id:
@@ -227,7 +220,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"best trial (MLflow run {result.best_run_id}):")
         for key, value in result.best_params.items():
             print(f"  {key} = {value}")
-        _print_metrics_table({"best trial": result.best_metrics}, RESULT_ROWS, split=None)
+        _print_metrics_table({"best trial": result.best_metrics}, result_rows(), split=None)
         for key in ("val_loss", "linear_probe_acc"):
             if key in result.best_metrics:
                 print(f"{key:<40}{result.best_metrics[key]:>10.4f}")

@@ -329,10 +329,9 @@ class ExperimentConfig(StrictModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from clusterlab.trainers import METHODS  # lazy: trainers import this module
+        from clusterlab.methods import spec_for  # lazy: the specs' checks import this module
 
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(METHODS))}")
+        spec_for(v)
         return v
 
     @field_validator("run_name")
@@ -366,13 +365,13 @@ class ExperimentConfig(StrictModel):
             raise ValueError("data.image_size is required for data.name 'imagefolder'")
         if self.data.name not in ("digits",) and self.data.root is None:
             raise ValueError(f"data.root is required for data.name {self.data.name!r} (pass --data-root DIR)")
-        from clusterlab.trainers import METHODS
+        from clusterlab.methods import spec_for
 
-        unknown = set(self.loss.weights) - set(METHODS[self.method].loss_terms)
+        terms = spec_for(self.method).loss_terms
+        unknown = set(self.loss.weights) - set(terms)
         if unknown:
             raise ValueError(
-                f"loss.weights has unknown terms {sorted(unknown)} for method {self.method!r}; "
-                f"allowed: {', '.join(METHODS[self.method].loss_terms)}"
+                f"loss.weights has unknown terms {sorted(unknown)} for method {self.method!r}; allowed: {', '.join(terms)}"
             )
         return self
 
@@ -741,7 +740,9 @@ def load_config(
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:
-    """Dotted ``section.key -> value`` pairs, for MLflow params (credentials in URIs masked)."""
+    """Dotted ``section.key -> value`` pairs, for MLflow params (credentials in URIs masked).
+    Other methods' config sections are left out: a run's params are what it used."""
+    from clusterlab.methods import SPECS
     from clusterlab.redact import redact_uri
 
     flat: dict[str, str] = {}
@@ -753,5 +754,6 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
         else:
             flat[prefix] = redact_uri(str(value))
 
-    walk("", cfg.model_dump(mode="json"))
+    others = {spec.config_section for spec in SPECS.values() if spec.name != cfg.method}
+    walk("", {k: v for k, v in cfg.model_dump(mode="json").items() if k not in others})
     return flat

@@ -50,13 +50,7 @@ from clusterlab.config import (
     parse_yaml,
     resolve_raw,
 )
-from clusterlab.trainers import METHODS
-
-#: metrics the evaluation logs at the end of every trial (usable to pick the best trial, not by ASHA)
-EVAL_METRICS = {f"{prefix}_{m}" for prefix in ("kmeans_norm", "kmeans_raw", "pixels") for m in ("acc", "nmi", "ari")}
-MIXEM_EVAL_METRICS = {f"{prefix}_{m}" for prefix in ("maxcomp", "kmeans_mixinit") for m in ("acc", "nmi", "ari")}
-HEAD_EVAL_METRICS = {f"head_{m}" for m in ("acc", "nmi", "ari", "confident_acc", "confident_share", "empty_clusters",
-                                            "largest_relative_size")}
+from clusterlab.methods import spec_for
 
 #: the MIX'EM paper's names for the loss weights (Eq. 9), accepted wherever a key is named
 LAMBDA_ALIASES = {"lambda_1": "loss.weights.comp_ent", "lambda_2": "loss.weights.inst_ent",
@@ -187,9 +181,8 @@ def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> None:
                 detail = str(exc).split("\n", 1)[-1].strip()
                 raise ConfigError(f"{label}: search.{key}: the value {value!r} makes an invalid config: {detail}") from None
     probe = trial_config(base, {k: d.probe_values()[0] for k, d in space.search.items()})
-    method = METHODS[probe.method]
-    per_epoch = method.epoch_metrics()
-    final = EVAL_METRICS | {"mixem": MIXEM_EVAL_METRICS, "lsdc": HEAD_EVAL_METRICS, "excb": HEAD_EVAL_METRICS}.get(probe.method, set())
+    method = spec_for(probe.method)
+    per_epoch, final = method.epoch_metrics(), method.final_metrics()
     metric = space.tune.metric
     if isinstance(space.tune.scheduler, AshaScheduler) and metric not in per_epoch:
         raise ConfigError(f"{label}: tune.metric: ASHA needs a metric reported every epoch; {metric!r} is not one "

@@ -45,8 +45,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 __all__ = [
     "SPLIT_NAMES",
@@ -905,6 +903,9 @@ def _read_raw(info: DatasetInfo, root: Path | None, split: str, image_size: int 
 
 
 def _resize(chunk: np.ndarray, size: int) -> np.ndarray:
+    import torch  # here only: the bad-input paths (check_dataset, its errors) answer without torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(chunk)).to(torch.float32)
     out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return out.round_().clamp_(0, 255).to(torch.uint8).numpy()

@@ -38,7 +38,7 @@ from clusterlab.platform.train import (
 from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from clusterlab.redact import redact_text, redact_uri
 from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, sweep_name, trial_config
-from clusterlab.trainers import METHODS
+from clusterlab.methods import spec_for
 
 # failure_reason categories that a retry with the same settings would repeat.
 PERMANENT_FAILURES = {NonFiniteLossError.reason, TrainingOutOfMemoryError.reason}
@@ -170,8 +170,9 @@ def heatmap_axes(space: SearchSpace) -> tuple[str, str, str | None] | None:
 
 
 def heatmap_metric(method: str) -> str:
-    """The clustering accuracy a loss-weight heatmap shows (MIX'EM Table 1 row 6 for MIX'EM)."""
-    return "kmeans_mixinit_acc" if method == "mixem" else "kmeans_norm_acc"
+    """The clustering accuracy a loss-weight heatmap shows: the method's headline metric
+    (MIX'EM Table 1 row 6 for MIX'EM, the cluster head for LSD-C and ExCB)."""
+    return spec_for(method).headline_metric
 
 
 def run_sweep(
@@ -287,7 +288,7 @@ def _tune_config(space: SearchSpace, method: str, generator: type, concurrency: 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     settings = space.tune
-    per_epoch = settings.metric in METHODS[method].epoch_metrics()
+    per_epoch = settings.metric in spec_for(method).epoch_metrics()
     sched = settings.scheduler
     # stop_last_trials=False: a trial that survives every rung trains to the end and is evaluated
     # inside its own trial, rather than being stopped at max_t before its evaluation.

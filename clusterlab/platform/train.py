@@ -33,6 +33,7 @@ from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.interrupts import Interrupted, as_interrupted, call_off_main_thread, reclaim_signals
+from clusterlab.methods import spec_for
 from clusterlab.platform.loop import PermanentTrainingError, fit
 from clusterlab.redact import redact_text, redact_values
 from clusterlab.trainers.checkpoint import read_checkpoint, read_history
@@ -200,13 +201,9 @@ def preflight(cfg: ExperimentConfig) -> dict[str, int]:
         )
     if sizes["num_classes"] > sizes["test"]:
         raise ConfigError(f"data: {sizes['num_classes']} clusters cannot be formed from {sizes['test']} test images")
-    excb = cfg.excb
-    if cfg.method == "excb" and excb.centroid_init == "kmeans":  # ExCB.initialise, refused before training
-        k, n = excb.num_clusters or sizes["num_classes"], min(sizes["train"], excb.centroid_init_samples)
-        if k > n:
-            raise ConfigError(f"excb.num_clusters: K-means centroid initialisation needs at least K = {k} images but "
-                              f"has {n} (training set {sizes['train']}, excb.centroid_init_samples "
-                              f"{excb.centroid_init_samples}); lower excb.num_clusters or set excb.centroid_init=random")
+    check_data = spec_for(cfg.method).check_data
+    if check_data is not None:
+        check_data(cfg, sizes)
     return sizes
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from clusterlab.config import ExperimentConfig
+from clusterlab.methods import MethodSpec, spec_for
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -15,12 +16,13 @@ M = TypeVar("M", bound=type["Method"])
 
 
 def register(name: str) -> Callable[[M], M]:
-    """Class decorator adding a method to :data:`METHODS` under its config name."""
+    """Class decorator adding a method to :data:`METHODS` under the name of its
+    :class:`~clusterlab.methods.MethodSpec`, whose loss terms it computes."""
 
     def add(cls: M) -> M:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        cls.name = name
+        cls.name, cls.spec = name, spec_for(name)
         METHODS[name] = cls
         return cls
 
@@ -36,18 +38,8 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str]
-    #: the named loss terms ``forward`` returns, in logging order
-    loss_terms: ClassVar[tuple[str, ...]]
-    #: weight of each term unless ``loss.weights`` overrides it
-    default_weights: ClassVar[Mapping[str, float]]
-    #: the extra per-epoch statistics ``forward`` returns under ``"stats"``
-    epoch_stats: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def epoch_metrics(cls) -> set[str]:
-        """Every metric the training loop reports per epoch for this method (Tune can schedule on these)."""
-        return ({"train_loss", "val_loss", "lr", "epoch_seconds", "images_per_second"}
-                | {f"train_loss_{term}" for term in cls.loss_terms} | set(cls.epoch_stats))
+    #: its loss terms (``forward`` returns them, in logging order), default weights and epoch stats
+    spec: ClassVar[MethodSpec]
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
@@ -55,7 +47,7 @@ class Method(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.image_size = image_size
-        self.weights: dict[str, float] = {**self.default_weights, **cfg.loss.weights}
+        self.weights: dict[str, float] = {**self.spec.default_weights, **cfg.loss.weights}
 
     def set_progress(self, epoch: float) -> None:
         """Called by the training loop before each step with the fractional epoch, for
@@ -76,7 +68,7 @@ class Method(nn.Module):
 
     def total_loss(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Weighted sum of the named terms (e.g. MIX'EM Eq. 9)."""
-        return sum((self.weights[name] * terms[name] for name in self.loss_terms if self.weights[name]),
+        return sum((self.weights[name] * terms[name] for name in self.spec.loss_terms if self.weights[name]),
                    torch.zeros((), device=next(iter(terms.values())).device))
 
     def representation(self, x: torch.Tensor) -> torch.Tensor:

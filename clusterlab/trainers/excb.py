@@ -46,10 +46,6 @@ class _Encoder(nn.Module):
 
 @register("excb")
 class ExCB(Method):
-    loss_terms = ("projector", "predictor")
-    default_weights = {"projector": 0.5, "predictor": 0.5}  # Algorithm 1: 0.5 loss_h + 0.5 loss_g
-    epoch_stats = ("teacher_momentum", "empty_clusters", "largest_cluster")
-
     def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
         super().__init__(cfg, num_classes, image_size, mean, std)

@@ -39,10 +39,6 @@ from clusterlab.trainers.lsdc_losses import (
 
 @register("lsdc")
 class LSDC(Method):
-    loss_terms = ("clustering", "consistency")
-    default_weights = {"clustering": 1.0, "consistency": 1.0}
-    epoch_stats = ("rampup_weight", "adjacency_density")
-
     def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
         super().__init__(cfg, num_classes, image_size, mean, std)

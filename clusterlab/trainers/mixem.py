@@ -159,11 +159,6 @@ class ParallelHeads(nn.Module):
 class MixEM(SimCLR):
     """SimCLR with the mixture-of-embeddings head (Eq. 3) and the loss of Eq. 9."""
 
-    loss_terms = ("contrast", "comp_ent", "inst_ent", "push", "pull")
-    epoch_stats = ("component_entropy", "nonempty_components")
-    #: supplementary Table 1, STL10 row (l1..l4); L_contrast is unweighted in Eq. 9
-    default_weights = {"contrast": 1.0, "comp_ent": 1.0, "inst_ent": 0.1, "push": 0.05, "pull": 0.1}
-
     def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
         super().__init__(cfg, num_classes, image_size, mean, std)

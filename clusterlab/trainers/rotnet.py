@@ -25,10 +25,6 @@ def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class RotNet(Method):
     """Backbone + 4-way linear rotation classifier, cross-entropy over the four rotations."""
 
-    loss_terms = ("rotation",)
-    default_weights = {"rotation": 1.0}
-    epoch_stats = ("rotation_acc",)
-
     def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
         super().__init__(cfg, num_classes, image_size, mean, std)

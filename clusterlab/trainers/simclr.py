@@ -43,9 +43,6 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> to
 class SimCLR(Method):
     """Backbone f + projection head g, trained with NT-Xent on two augmented views."""
 
-    loss_terms = ("contrast",)
-    default_weights = {"contrast": 1.0}
-
     def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
         super().__init__(cfg, num_classes, image_size, mean, std)
