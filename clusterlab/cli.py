@@ -365,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x", required=True, help="param across, e.g. lambda_3 or loss.weights.push")
     p.add_argument("--y", required=True, help="param down, e.g. lambda_4")
     p.add_argument("--facet", help="param with one panel per value, e.g. lambda_2")
-    p.add_argument("--metric", default="kmeans_norm_acc",
-                   help="final metric per cell (default kmeans_norm_acc; MIX'EM: kmeans_mixinit_acc)")
+    p.add_argument("--metric", help="final metric per cell (default: the method's headline metric: "
+                                    "kmeans_mixinit_acc for MIX'EM, head_acc for LSD-C / ExCB, else kmeans_norm_acc)")
     p.add_argument("--out", help="PNG path (default: <experiment>_<metric>_heatmap.png); the CSV goes beside it")
     p.add_argument("--tracking-uri", help="default $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db")
     p.set_defaults(func=cmd_heatmap)

@@ -32,7 +32,7 @@ def sweep_store(tracking_uri):
                 for seed in ("0", "1"):
                     run = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
                     for key, v in (("loss.weights.inst_ent", l2), ("loss.weights.push", l3),
-                                   ("loss.weights.pull", l4), ("seed", seed)):
+                                   ("loss.weights.pull", l4), ("seed", seed), ("method", "mixem")):
                         client.log_param(run, key, v)
                     if (l2, l3, l4) == ("0.01", "0.1", "0.0"):
                         client.set_terminated(run, "FAILED")  # failed: both seeds
@@ -46,8 +46,9 @@ def sweep_store(tracking_uri):
 
 def test_cells_average_seeds_and_mark_failed_and_missing(sweep_store):
     client, values = sweep_store
-    cells, parent = sweep_cells(client, "hm", "loss.weights.push", "loss.weights.pull", "loss.weights.inst_ent",
-                                "kmeans_mixinit_acc")
+    cells, parent, metric = sweep_cells(client, "hm", "loss.weights.push", "loss.weights.pull",
+                                        "loss.weights.inst_ent")
+    assert metric == "kmeans_mixinit_acc"  # MIX'EM's headline (Table 1 row 6) when none is named
     assert parent is not None and len(cells) == 8
     by_key = {(c.facet, c.x, c.y): c for c in cells}
     for key, accs in values.items():
@@ -110,7 +111,16 @@ def test_heatmap_default_file_stays_in_the_working_directory(sweep_store, tmp_pa
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     assert cli.main(["heatmap", "--experiment", "../../escape", "--x", "lambda_3", "--y", "lambda_4",
-                     "--facet", "lambda_2", "--metric", "kmeans_mixinit_acc"]) == 0
+                     "--facet", "lambda_2"]) == 0  # the method's headline metric names the file
     assert sorted(p.name for p in work.iterdir()) == ["_.._escape_kmeans_mixinit_acc_heatmap.csv",
                                                      "_.._escape_kmeans_mixinit_acc_heatmap.png"]
     assert not list(tmp_path.glob("*escape*")) and [p.name for p in (tmp_path / "a").iterdir()] == ["b"]
+
+
+def test_without_metric_runs_of_mixed_or_unknown_methods_ask_for_one(sweep_store, capsys):
+    client, _ = sweep_store
+    exp = client.get_experiment_by_name("hm")
+    other = client.create_run(exp.experiment_id).info.run_id
+    client.log_param(other, "method", "lsdc")
+    assert cli.main(["heatmap", "--experiment", "hm", "--x", "lambda_3", "--y", "lambda_4"]) == 2
+    assert "trained ['lsdc', 'mixem']; name the metric to draw, e.g. --metric" in capsys.readouterr().err

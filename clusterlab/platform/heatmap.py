@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from clusterlab.config import ConfigError, parse_yaml
 from clusterlab.eval.plots import heatmap_figure
+from clusterlab.methods import spec_for
 from clusterlab.platform.tracking import ROLE_TAG, find_sweep_parent
 from clusterlab.search_space import LAMBDA_ALIASES
 
@@ -55,9 +56,20 @@ def _parent_grid(client: MlflowClient, parent_id: str | None) -> dict[str, list[
     return {LAMBDA_ALIASES.get(k, k): [_value(v) for v in (d or {}).get("grid") or []] for k, d in search.items()}
 
 
+def headline_metric(runs: list[Any], experiment: str) -> str:
+    """The headline metric of the method the runs trained (MIX'EM: K-means initialised by the
+    mixture; LSD-C, ExCB: the cluster head; else K-means on the normalised representation)."""
+    methods = {r.data.params.get("method") for r in runs} - {None}
+    if len(methods) != 1:
+        raise ConfigError(f"--metric: the runs of {experiment!r} trained {sorted(methods) or 'no known method'}; "
+                          "name the metric to draw, e.g. --metric kmeans_norm_acc")
+    return spec_for(methods.pop()).headline_metric
+
+
 def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None,
-                metric: str) -> tuple[list[Cell], str | None]:
-    """Every grid cell of the experiment's sweep -> (cells, parent run id or None)."""
+                metric: str | None = None) -> tuple[list[Cell], str | None, str]:
+    """Every grid cell of the experiment's sweep -> (cells, parent run id or None, the metric
+    drawn: ``metric``, else the method's headline metric)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in this tracking store")
@@ -70,6 +82,8 @@ def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: st
         if key is not None and not any(key in r.data.params for r in runs):
             raise ConfigError(f"{flag}: no run of {experiment!r} has the param {key!r} (e.g. loss.weights.push, "
                               "or lambda_2..lambda_4)")
+    if metric is None:
+        metric = headline_metric(runs, experiment)
     if not any(metric in r.data.metrics for r in runs):
         available = sorted({m for r in runs for m in r.data.metrics if m.endswith(("_acc", "_nmi", "_ari", "loss"))})
         raise ConfigError(f"--metric: no run of {experiment!r} logged {metric!r}; available: {', '.join(available)}")
@@ -94,7 +108,7 @@ def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: st
                     cells.append(Cell(f, xv, yv, float(np.mean(values)), float(np.std(values)), len(values), "ok"))
                 else:
                     cells.append(Cell(f, xv, yv, float("nan"), float("nan"), 0, "failed" if members else "missing"))
-    return cells, parent_id
+    return cells, parent_id, metric
 
 
 def write_csv(cells: list[Cell], path: Path, x: str, y: str, facet: str | None, metric: str) -> None:
@@ -108,13 +122,14 @@ def write_csv(cells: list[Cell], path: Path, x: str, y: str, facet: str | None, 
 
 
 def draw_heatmap(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None = None,
-                 metric: str = "kmeans_norm_acc", out: str | Path | None = None) -> Path:
-    """Heatmap PNG + CSV (same name, ``.csv``) of ``metric`` over the sweep's grid; both are
+                 metric: str | None = None, out: str | Path | None = None) -> Path:
+    """Heatmap PNG + CSV (same name, ``.csv``) of ``metric`` (default: the method's headline
+    metric, :attr:`~clusterlab.methods.MethodSpec.headline_metric`) over the sweep's grid; both are
     logged to the sweep's parent run when there is one. ``x``/``y``/``facet`` are param names
     or the paper's ``lambda_1`` .. ``lambda_4``."""
     x, y = LAMBDA_ALIASES.get(x, x), LAMBDA_ALIASES.get(y, y)
     facet = LAMBDA_ALIASES.get(facet, facet) if facet else None
-    cells, parent_id = sweep_cells(client, experiment, x, y, facet, metric)
+    cells, parent_id, metric = sweep_cells(client, experiment, x, y, facet, metric)
     # The default file stays in the working directory whatever the experiment is called ("../x").
     out = Path(out or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{experiment}_{metric}_heatmap.png").lstrip("."))
     out.parent.mkdir(parents=True, exist_ok=True)
