@@ -39,6 +39,7 @@ from record import add_rows  # noqa: E402  (bench/record.py: this script's folde
 
 from clusterlab.platform.sweep import run_sweep  # noqa: E402
 from clusterlab.platform.tracking import MlflowClient  # noqa: E402
+from clusterlab.search_space import plan_sweep  # noqa: E402
 
 
 def _space(packing: int, epochs: int, device: str, cpus: int) -> dict:
@@ -58,7 +59,7 @@ def _measure(packing: int, epochs: int, device: str, cpus: int, workdir: Path) -
     uri = f"sqlite:///{workdir / f'packing_{packing}.db'}"
     os.environ["CLUSTERLAB_TRACKING_URI"] = uri
     t0 = time.time()
-    result = run_sweep(space_file, [f"storage_path={workdir / 'ray'}"])
+    result = run_sweep(plan_sweep(space_file, [f"storage_path={workdir / 'ray'}"]))
     wall = time.time() - t0
     client = MlflowClient(uri)
     runs = [r for r in client.search_runs([result.experiment_id]) if r.data.tags.get("clusterlab.role") != "parent"]

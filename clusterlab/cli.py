@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, load_config
 from clusterlab.methods import result_rows
 from clusterlab.redact import redact_text, redact_uri
+
+if TYPE_CHECKING:
+    from clusterlab.search_space import SweepPlan
 
 OVERRIDES_HELP = "dotted key=value overrides, e.g. optim.lr=3e-4 data.name=cifar10 epochs=50"
 
@@ -83,12 +86,12 @@ def _ui_hint(cfg: ExperimentConfig) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from clusterlab.platform.train import train
-
-    cfg = _load(args)
+    cfg = _load(args)  # before importing torch, Ray and MLflow: a bad config answers at once
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
+    from clusterlab.platform.run import train
+
     result = train(cfg, address=args.address)
     print(f"\nrun {result.run_name} (MLflow run {result.run_id}) finished; checkpoint: {result.checkpoint_dir}")
     if result.metrics:
@@ -99,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """MIX'EM's two stages on digits: a base SimCLR encoder, then MIX'EM continued from it."""
-    from clusterlab.platform.train import train
+    from clusterlab.platform.run import train
 
     common = ["tracking.experiment=clusterlab-demo", f"resources.cpus_per_worker={args.cpus}"]
     base_cfg = load_config(None, [*common, *([f"epochs={args.epochs}"] if args.epochs else [])], preset="simclr_digits")
@@ -209,12 +212,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from clusterlab.search_space import plan_sweep
+
     overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    plan = plan_sweep(args.space, overrides, args.name)  # before importing torch, Ray and MLflow
     if args.dry_run:
-        return _print_sweep_plan(args.space, overrides, args.name)
+        return _print_sweep_plan(plan)
     from clusterlab.platform.sweep import run_sweep
 
-    result = run_sweep(args.space, overrides, name=args.name, address=args.address, resume=args.resume)
+    result = run_sweep(plan, address=args.address, resume=args.resume)
     print(f"\nsweep {result.name!r}: {result.trials} trials, {result.failed} failed")
     if result.best_run_id:
         print(f"best trial (MLflow run {result.best_run_id}):")
@@ -230,17 +236,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_sweep_plan(space_path: str, overrides: list[str], name: str | None) -> int:
-    """``sweep --dry-run``: the resolved base config as YAML, then the trials as comments.
-    Imports neither Ray nor MLflow, so it answers at once."""
-    from clusterlab.search_space import load_search_space, sweep_name, trial_plan
+def _print_sweep_plan(plan: SweepPlan) -> int:
+    """``sweep --dry-run``: the resolved base config as YAML, then the trials as comments."""
+    from clusterlab.search_space import trial_plan
 
-    space, base, _ = load_search_space(space_path, overrides)
-    name = sweep_name(space, space_path, name)
-    base.setdefault("tracking", {})["experiment"] = name
-    print(f"# sweep {name!r}: the base config every trial starts from (searched keys vary per trial)")
-    print(build_config(base, f"{space_path}: base").to_yaml(), end="")
-    print("\n".join(f"# {line}" for line in trial_plan(space)))
+    print(f"# sweep {plan.name!r}: the base config every trial starts from (searched keys vary per trial)")
+    print(build_config(plan.base, "base").to_yaml(), end="")
+    print("\n".join(f"# {line}" for line in trial_plan(plan.space)))
     return 0
 
 

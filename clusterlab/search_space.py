@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union
@@ -214,14 +215,38 @@ def load_search_space(path: str | Path, extra_overrides: Sequence[str] = ()) -> 
     return space, base, text
 
 
-def sweep_name(space: SearchSpace, path: str | Path, name: str | None = None) -> str:
-    """The sweep's name (= its MLflow experiment): ``--name``, else the space's ``name:``, else the
-    file's stem; refused where it would break MLflow filters or storage paths."""
+@dataclass(frozen=True)
+class SweepPlan:
+    """A validated sweep, before Ray starts: what ``sweep --dry-run`` prints and ``run_sweep`` runs."""
+
+    space: SearchSpace
+    #: the resolved base config (raw; every trial applies its searched values to it), its
+    #: ``tracking.experiment`` set to the sweep's name
+    base: dict[str, Any]
+    #: the search-space file's text (logged to the parent run)
+    text: str
+    #: the sweep's name = its MLflow experiment
+    name: str
+    #: the search-space file, as given
+    path: str
+
+    def resume_command(self) -> str:
+        """The command that continues this sweep after an interruption."""
+        named = self.name != (self.space.name or Path(self.path).stem)
+        return f"clusterlab sweep {self.path} --resume" + (f" --name {self.name}" if named else "")
+
+
+def plan_sweep(path: str | Path, overrides: Sequence[str] = (), name: str | None = None) -> SweepPlan:
+    """Load and validate the search space, resolve its base, and name the sweep: ``name``
+    (``--name``), else the space's ``name:``, else the file's stem; refused where it would break
+    MLflow filters or storage paths."""
+    space, base, text = load_search_space(path, overrides)
     name = name or space.name or Path(path).stem
     if not re.fullmatch(SAFE_NAME, name):
         raise ConfigError(f"sweep name {name!r}: use letters, digits, '_', '.', '-' only, starting with a letter or "
                           "digit (it names the MLflow experiment, MLflow search filters and a storage directory)")
-    return name
+    base.setdefault("tracking", {})["experiment"] = name
+    return SweepPlan(space, base, text, name, str(path))
 
 
 def trial_plan(space: SearchSpace) -> list[str]:

@@ -190,7 +190,7 @@ def test_train_and_init_from_with_a_storage_uri(ray_local, tracking_uri, tmp_pat
     from mlflow.tracking import MlflowClient
 
     from clusterlab import cli
-    from clusterlab.platform.train import train
+    from clusterlab.platform.run import train
 
     bucket = tmp_path / "bucket"
     common = ["--preset", "simclr_digits", "epochs=1", "batch_size=128", "optim.warmup_epochs=0", "model.cnn_width=8",

@@ -908,7 +908,7 @@ def ray_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every way `train` starts Ray is replaced by a recorder that aborts the command."""
     import ray
 
-    from clusterlab.platform import train
+    from clusterlab.platform import run
 
     calls: list[str] = []
 
@@ -917,7 +917,7 @@ def ray_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         raise RayStarted()
 
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(train, "init_ray", refuse)
+    monkeypatch.setattr(run, "init_ray", refuse)
     return calls
 
 

@@ -331,7 +331,7 @@ def ray_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Replace every way the CLI starts or attaches to Ray by a recorder that aborts the command."""
     import ray
 
-    from clusterlab.platform import reeval, sweep, train
+    from clusterlab.platform import reeval, run
 
     attempts: list[str] = []
 
@@ -342,8 +342,7 @@ def ray_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return _refuse
 
     monkeypatch.setattr(ray, "init", refuse("ray.init"))
-    monkeypatch.setattr(train, "init_ray", refuse("clusterlab.platform.train.init_ray"))
-    monkeypatch.setattr(sweep, "init_ray", refuse("clusterlab.platform.sweep.init_ray"))
+    monkeypatch.setattr(run, "init_ray", refuse("clusterlab.platform.run.init_ray"))
     monkeypatch.setattr(reeval, "init_ray", refuse("clusterlab.platform.reeval.init_ray"))
     return attempts
 

@@ -26,7 +26,7 @@ def _cfg(experiment: str = "owners"):
 
 
 def test_a_run_held_by_a_live_process_here_is_refused_before_ray(tracking_uri, tmp_path, monkeypatch, capsys):
-    from clusterlab.platform import train as train_module
+    from clusterlab.platform import run as run_module
 
     client = tracking.connect(tracking_uri)
     run_id, _ = tracking.start_run(client, _cfg(), "held")
@@ -36,7 +36,7 @@ def test_a_run_held_by_a_live_process_here_is_refused_before_ray(tracking_uri, t
 
         tag = f"{os.uname().nodename}/{holder.pid}/{psutil.Process(holder.pid).create_time():.2f}"
         client.set_tag(run_id, tracking.OWNER_TAG, tag)
-        monkeypatch.setattr(train_module, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+        monkeypatch.setattr(run_module, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
         code = cli.main(["train", "--preset", "simclr_digits", "tracking.experiment=owners", "--run-name", "held",
                          f"storage_path={tmp_path / 'ray'}"])
         assert code == 2

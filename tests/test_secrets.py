@@ -101,7 +101,7 @@ def test_cli_errors_show_no_credentials(capsys, monkeypatch):
     def refuse(cfg, address=None):
         raise ConfigError(f"storage_path: {cfg.storage_path} is not shared")
 
-    monkeypatch.setattr("clusterlab.platform.train.train", refuse)
+    monkeypatch.setattr("clusterlab.platform.run.train", refuse)
     assert cli.main(["train", "--preset", "simclr_digits", "storage_path=s3://K:CLI-SECRET@b/x"]) == 2
     err = capsys.readouterr().err
     assert "s3://K:***@b/x is not shared" in err and "CLI-SECRET" not in err

@@ -78,10 +78,10 @@ def _free_port() -> int:
 def test_an_unreachable_tracking_server_is_refused_naming_it(monkeypatch, tmp_path, capsys):
     """Without the probe, MLflow's retries kept `clusterlab train` silent for ~4.5 minutes."""
     from clusterlab import cli
-    from clusterlab.platform import train as train_module
+    from clusterlab.platform import run as run_module
 
     monkeypatch.setenv("CLUSTERLAB_TRACKING_TIMEOUT", "2")
-    monkeypatch.setattr(train_module, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(run_module, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     uri = f"http://alice:pw@127.0.0.1:{_free_port()}"
     code = cli.main(["train", "--preset", "simclr_digits", f"tracking.uri={uri}", f"storage_path={tmp_path / 'ray'}"])
     err = capsys.readouterr().err
@@ -97,7 +97,7 @@ def test_an_unreachable_tracking_server_is_refused_naming_it(monkeypatch, tmp_pa
 
 def test_failure_reason_is_plain_text(tracking_uri):
     """Ray's ActorDiedError repr is full of colour codes; the tag keeps only the text."""
-    from clusterlab.platform.train import record_failure
+    from clusterlab.platform.run import record_failure
 
     client = MlflowClient(tracking_uri)
     run_id = client.create_run(client.create_experiment("ansi")).info.run_id

@@ -108,7 +108,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every way these commands start Ray is replaced by a recorder that fails the command."""
     import ray
 
-    from clusterlab.platform import reeval, train
+    from clusterlab.platform import reeval, run
 
     calls: list[str] = []
 
@@ -117,7 +117,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         raise AssertionError("Ray was started before the file was refused")
 
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(train, "init_ray", refuse)
+    monkeypatch.setattr(run, "init_ray", refuse)
     monkeypatch.setattr(reeval, "init_ray", refuse)
     return calls
 

@@ -13,6 +13,7 @@ and its MLflow child run carries the trial id, so nothing is logged twice.
 
 from __future__ import annotations
 
+import copy
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +23,11 @@ from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.interrupts import Interrupted, stop_tune_gracefully
 from clusterlab.platform.loop import NonFiniteLossError, TrainingOutOfMemoryError
-from clusterlab.platform.train import (
-    TrainingFailed,
-    check_cluster_resources,
-    dataset_need,
-    init_ray,
-    preflight,
-    record_and_evaluate,
-    record_failure,
-    resolve_init_from,
-    run_trainer,
-    storage_dir,
-    storage_uri,
-)
+from clusterlab.platform.run import RunContext, check, close_run, connect, execute, finish, open_run
+from clusterlab.platform.train import TrainingFailed, storage_dir, storage_uri
 from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from clusterlab.redact import redact_text, redact_uri
-from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, load_search_space, sweep_name, trial_config
+from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, SweepPlan, trial_config
 from clusterlab.methods import spec_for
 
 # failure_reason categories that a retry with the same settings would repeat.
@@ -87,22 +77,13 @@ def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         if run.info.status == "FAILED" and category in PERMANENT_FAILURES:
             # A resumed sweep does not repeat a failure that the same settings would repeat.
             raise TrainingFailed(category, f"not retried: {reason}", permanent=True)
-    run_id, _ = tracking.start_run(client, cfg, run_name, extra_tags={
+    ctx, _ = open_run(cfg, client, sweep["tracking_uri"], tags={
         PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["name"], TRIAL_TAG: trial_id,
         **({"init_from": sweep["init_from"]} if sweep.get("init_from") else {})})
-    try:
-        checkpoint_dir, last_epoch = run_trainer(cfg, run_id, run_name, sweep["tracking_uri"],
-                                                 callbacks=[TuneReportCallback()])
-    except TrainingFailed as exc:  # the trial errors in Tune; its run says why
-        record_failure(client, run_id, exc)
-        tracking.end_run(client, run_id, "FAILED")
-        raise
-    metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, progress=False)
-    ray.tune.report({**last_epoch, **metrics})
-    # Only a clean finish ends the run here. A trial that fails, or that the scheduler stops
-    # (its actor is torn down mid-call), leaves the run open for _settle_trials to close from
-    # Tune's own record of what happened.
-    tracking.end_run(client, run_id, "FINISHED")
+    # The run ends with execute, FINISHED only after the metrics reached Tune. A trial the
+    # scheduler stops (its actor torn down mid-call) leaves the run open for _settle_trials to
+    # close from Tune's own record of what happened.
+    execute(ctx, progress=False, callbacks=[TuneReportCallback()], report=ray.tune.report)
 
 
 def _child_runs(client: tracking.MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
@@ -110,7 +91,7 @@ def _child_runs(client: tracking.MlflowClient, experiment_id: str, parent_run_id
                               max_results=10000)
 
 
-def _settle_trials(client: tracking.MlflowClient, experiment_id: str, parent_run_id: str,
+def _settle_trials(client: tracking.MlflowClient, tracking_uri: str, experiment_id: str, parent_run_id: str,
                    base: dict[str, Any], results: Any) -> None:
     """Close the child runs their trials left open: a failed trial's run ends FAILED with the
     error as ``failure_reason``; a trial the scheduler stopped early never reached its own
@@ -128,16 +109,14 @@ def _settle_trials(client: tracking.MlflowClient, experiment_id: str, parent_run
         if result.error is None and checkpoint:  # a local path, or a path on the storage URI's filesystem
             local = cluster.fetch_checkpoint(storage_uri(base_cfg), checkpoint, storage_dir(base_cfg) / run_name)
         if result.error is not None:  # the trial died before its driver could say why
-            record_failure(client, run.info.run_id, result.error)
-            tracking.end_run(client, run.info.run_id, "FAILED")
+            close_run(client, run.info.run_id, result.error)
         elif local is not None:
             cfg = trial_config(base, dict(result.config.get("params", {})), "stopped trial").model_copy(
                 update={"run_name": run_name})
-            record_and_evaluate(client, cfg, run.info.run_id, local, progress=False)
             epochs_done = int(result.metrics.get("epoch", 0))
             if epochs_done < cfg.epochs:
                 client.set_tag(run.info.run_id, "clusterlab.stopped_early_at_epoch", str(epochs_done))
-            tracking.end_run(client, run.info.run_id, "FINISHED")
+            finish(RunContext(cfg, run.info.run_id, tracking_uri, client), local)
         else:
             tracking.end_run(client, run.info.run_id, "KILLED")
 
@@ -175,28 +154,19 @@ def heatmap_metric(method: str) -> str:
     return spec_for(method).headline_metric
 
 
-def run_sweep(
-    space_path: str | Path,
-    overrides: list[str] | None = None,
-    name: str | None = None,
-    address: str | None = None,
-    resume: bool = False,
-) -> SweepResult:
-    """Validate the search space, run (or resume) the sweep on Ray Tune, record it in MLflow."""
-    space, base, text = load_search_space(space_path, overrides or [])
-    name = sweep_name(space, space_path, name)
-    base.setdefault("tracking", {})["experiment"] = name
+def run_sweep(plan: SweepPlan, address: str | None = None, resume: bool = False) -> SweepResult:
+    """Run (or resume) a validated sweep (:func:`~clusterlab.search_space.plan_sweep`) on Ray
+    Tune, record it in MLflow."""
+    space, text, name = plan.space, plan.text, plan.name
+    base = copy.deepcopy(plan.base)
     base["storage_path"] = storage_uri(ExperimentConfig.model_validate(base))  # absolute: trials run elsewhere
     base_cfg = ExperimentConfig.model_validate(base)
-    preflight(base_cfg)
-    client = tracking.client_for(base_cfg)
-    tracking_uri = tracking.resolve_tracking_uri(base_cfg.tracking.uri)
+    checked = check(base_cfg)
+    client, tracking_uri = checked.client, checked.tracking_uri
     experiment_id = tracking.experiment_id(client, name)
     parent = tracking.find_sweep_parent(client, experiment_id, name)
     tune_dir = cluster.join(storage_uri(base_cfg), name)
     init_from = base_cfg.init_from
-    if init_from:
-        base["init_from"] = str(resolve_init_from(client, base_cfg, storage_dir(base_cfg)))
 
     import ray.tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -209,11 +179,7 @@ def run_sweep(
         raise ConfigError(f"--name: a sweep named {name!r} already exists (MLflow experiment {name!r} / {tune_dir}); "
                           "its results are kept: pass --resume to continue it, or --name to start a new one")
 
-    init_ray(address)
-    check_cluster_resources(base_cfg)
-    nodes = cluster.check_cluster(storage_uri(base_cfg), tracking_uri, dataset=dataset_need(base_cfg))
-    if init_from:
-        base["init_from"] = cluster.share_init_from(storage_uri(base_cfg), Path(base["init_from"]), nodes)
+    base["init_from"] = connect(checked, address).cfg.init_from  # where every trial's workers read it
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             SWEEP_TAG: name, ROLE_TAG: "parent", "method": base_cfg.method, "dataset": base_cfg.data.name,
@@ -233,7 +199,6 @@ def run_sweep(
     sweep = {"name": name, "base": base, "experiment_id": experiment_id, "parent_run_id": parent,
              "tracking_uri": tracking_uri, "init_from": init_from}
     trainable = ray.tune.with_parameters(_trial_driver, sweep=sweep)
-    status = "FAILED"
     try:
         if resume:
             tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
@@ -249,25 +214,21 @@ def run_sweep(
         if len(results) < space.trial_count() or results.num_terminated + results.num_errors < len(results):
             # Tune stopped the trials on SIGINT / SIGTERM and saved its state (trials of a grid
             # are created lazily, so an interrupted sweep may hold fewer than planned).
-            print(f"sweep {name!r} interrupted; its state is saved. Continue it with: clusterlab sweep "
-                  f"{space_path} --resume" + (f" --name {name}" if name != (space.name or Path(space_path).stem) else ""),
+            print(f"sweep {name!r} interrupted; its state is saved. Continue it with: {plan.resume_command()}",
                   flush=True)
             raise stopped_by() or Interrupted(signal.SIGINT)
-        _settle_trials(client, experiment_id, parent, base, results)
+        _settle_trials(client, tracking_uri, experiment_id, parent, base, results)
         outcome = _summarise(client, experiment_id, parent, space, name, base_cfg.method,
                              storage_dir(base_cfg) / f"{name}_heatmap.png")
-        status = "FINISHED"
-        return outcome
-    except KeyboardInterrupt as exc:
-        status = "KILLED"
-        for run in _child_runs(client, experiment_id, parent):  # their trials were stopped with the sweep
-            if run.info.status == "RUNNING":
-                record_failure(client, run.info.run_id, exc)
-                tracking.end_run(client, run.info.run_id, "KILLED")
-        record_failure(client, parent, exc)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            for run in _child_runs(client, experiment_id, parent):  # their trials were stopped with the sweep
+                if run.info.status == "RUNNING":
+                    close_run(client, run.info.run_id, exc)
+        close_run(client, parent, exc)
         raise
-    finally:
-        tracking.end_run(client, parent, status)
+    close_run(client, parent)
+    return outcome
 
 
 def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, cluster: dict[str, float]) -> int:

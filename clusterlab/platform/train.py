@@ -1,12 +1,10 @@
-"""Run one training job on Ray Train, track it in MLflow, evaluate it.
+"""The Ray Train side of a run, and the checks before it (the lifecycle is ``platform/run.py``).
 
-``train()`` is what ``clusterlab train`` and ``clusterlab demo`` call:
-
-1. preflight: config and data checked before Ray starts (bad input never costs a cluster);
-2. MLflow run created, or found again when the run name repeats (resume);
-3. ``TorchTrainer`` runs :func:`clusterlab.platform.loop.fit` on N workers (gloo on CPU,
-   NCCL on GPU); rank 0 logs each epoch to MLflow and hands Ray the epoch's checkpoint;
-4. the final checkpoint is evaluated and logged; the run ends FINISHED, FAILED or KILLED.
+- :func:`preflight`, :func:`resolve_init_from`: config and data checked before Ray starts
+  (bad input never costs a cluster); :func:`init_ray`, :func:`check_cluster_resources`;
+- :func:`run_trainer`: a ``TorchTrainer`` runs :func:`clusterlab.platform.loop.fit` on N workers
+  (gloo on CPU, NCCL on GPU) through :func:`train_loop_per_worker`; rank 0 logs each epoch to
+  MLflow (:class:`RaySession`) and hands Ray the epoch's checkpoint.
 
 Failures: a run whose workers fail (a worker killed, a node lost) is restarted from its latest
 checkpoint up to ``resources.max_failures`` times by calling Ray Train again under the same
@@ -32,7 +30,7 @@ import torch
 from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
 from clusterlab.platform import cluster, tracking
-from clusterlab.platform.interrupts import Interrupted, as_interrupted, call_off_main_thread, reclaim_signals
+from clusterlab.platform.interrupts import Interrupted, call_off_main_thread, reclaim_signals
 from clusterlab.methods import spec_for
 from clusterlab.platform.loop import PermanentTrainingError, fit
 from clusterlab.redact import redact_text, redact_values
@@ -53,6 +51,9 @@ class TrainingFailed(RuntimeError):
     def __init__(self, reason: str, message: str, permanent: bool) -> None:
         super().__init__(message)
         self.reason, self.permanent = reason, permanent
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray copies and pickles a trial's error
+        return type(self), (self.reason, str(self), self.permanent)
 
 
 @dataclass(frozen=True)
@@ -376,78 +377,3 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
     local = storage_dir(cfg) / run_name / Path(result.checkpoint.path).name
     result.checkpoint.to_directory(str(local))
     return local, dict(result.metrics or {})
-
-
-def train(cfg: ExperimentConfig, address: str | None = None, evaluate: bool = True,
-          progress: bool = True) -> TrainResult:
-    """Preflight, train on Ray, evaluate, and record it all in one MLflow run."""
-    preflight(cfg)
-    run_name = cfg.resolved_run_name()
-    cfg = cfg.model_copy(update={"run_name": run_name})
-    client = tracking.client_for(cfg)
-    tracking.check_run_name_free(client, cfg, run_name)
-    lineage: dict[str, str] = {}
-    if cfg.init_from:
-        lineage = {"init_from": cfg.init_from}
-        path = resolve_init_from(client, cfg, storage_dir(cfg))
-        cfg = cfg.model_copy(update={"init_from": str(path)})
-    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    init_ray(address)
-    check_cluster_resources(cfg)
-    nodes = cluster.check_cluster(storage_uri(cfg), tracking_uri, dataset=dataset_need(cfg))
-    if cfg.init_from:
-        cfg = cfg.model_copy(update={"init_from": cluster.share_init_from(storage_uri(cfg), Path(cfg.init_from), nodes)})
-    try:
-        run_id, resumed = tracking.start_run(client, cfg, run_name, extra_tags=lineage)
-    except ValueError as exc:
-        raise ConfigError(f"run_name: {exc}") from None
-    if resumed:
-        print(f"resuming run {run_name!r} (MLflow run {run_id}) from its latest checkpoint", flush=True)
-    status = "FAILED"
-    try:
-        checkpoint_dir, _ = run_trainer(cfg, run_id, run_name, tracking_uri)
-        metrics = record_and_evaluate(client, cfg, run_id, checkpoint_dir, evaluate, progress)
-        status = "FINISHED"
-        return TrainResult(run_id, run_name, checkpoint_dir, metrics)
-    except KeyboardInterrupt as exc:
-        status = "KILLED"
-        record_failure(client, run_id, exc)
-        raise
-    except Exception as exc:
-        record_failure(client, run_id, exc)
-        raise
-    finally:
-        tracking.end_run(client, run_id, status)
-
-
-def record_and_evaluate(client: tracking.MlflowClient, cfg: ExperimentConfig, run_id: str, checkpoint_dir: Path,
-                        evaluate: bool = True, progress: bool = True) -> dict[str, float]:
-    """Log the final checkpoint to the run, evaluate it (features kept per checkpoint beside the
-    run, reused if evaluation reruns) and log the evaluation. Returns the final metrics."""
-    from clusterlab.platform.evaluate import evaluate_checkpoint, log_evaluation
-
-    client.log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
-    if not evaluate:
-        return {}
-    features_dir = storage_dir(cfg) / str(cfg.run_name) / "features" / checkpoint_dir.name
-    evaluation = evaluate_checkpoint(checkpoint_dir, features_dir, progress=progress)
-    log_evaluation(client, run_id, evaluation)
-    return evaluation.metrics
-
-
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour / cursor codes
-
-
-def record_failure(client: tracking.MlflowClient, run_id: str, exc: BaseException) -> None:
-    """Tag ``failure_reason`` as ``<category>: <message>`` (category e.g. ``non-finite loss``,
-    ``interrupted`` with the signal's name), plain text: Ray's error reprs carry terminal colour
-    codes, which the MLflow UI shows raw."""
-    if isinstance(exc, KeyboardInterrupt):
-        interrupted = as_interrupted(exc)
-        message = (f"interrupted: {interrupted.signal_name} received; the same command (a sweep: with --resume) "
-                   "continues from the last checkpoint")
-    else:
-        reason = exc.reason if isinstance(exc, TrainingFailed) else type(exc).__name__
-        message = f"{reason}: {exc}"
-    message = ANSI_ESCAPE.sub("", message)[:4000]
-    client.set_tag(run_id, tracking.FAILURE_TAG, redact_text(message))
