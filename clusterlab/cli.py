@@ -122,10 +122,6 @@ def _eval_options(args: argparse.Namespace):
     """The evaluation options shared by ``evaluate`` and ``reeval``, checked before any work."""
     from clusterlab.platform.reeval import EvalOptions
 
-    if args.k is not None and args.k < 2:
-        raise ConfigError(f"--k must be >= 2, got {args.k}")
-    if args.n_init < 1:
-        raise ConfigError(f"--n-init must be >= 1, got {args.n_init}")
     return EvalOptions(n_init=args.n_init, k=args.k, seed=args.seed, plots=not args.no_plots)
 
 
@@ -135,39 +131,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
     from pathlib import Path
 
-    from clusterlab.eval.feature_files import read_features
-    from clusterlab.platform import tracking
-    from clusterlab.platform.evaluate import check_evaluable, evaluate_checkpoint, evaluate_features
-    from clusterlab.platform.reeval import check_run, evaluate_run
-    from clusterlab.platform.train import init_ray
-    from clusterlab.trainers.checkpoint import read_checkpoint
+    from clusterlab.platform.sources import EvalSource, evaluate_source
 
     options = _eval_options(args)
-    try:
-        if args.features:
-            test = read_features(args.features)
-            train = read_features(args.train_features) if args.train_features else None
-            if args.k is not None and args.k > len(test["label"]):
-                raise ConfigError(f"--k: {args.k} clusters cannot be formed from the {len(test['label'])} samples "
-                                  f"of {args.features}; use --k <= {len(test['label'])}")
-            check_evaluable(test, args.k, str(args.features))
-            init_ray(args.address)
-            result = evaluate_features(test, args.k, n_init=args.n_init, seed=args.seed, tasks=args.tasks,
-                                       device=args.device, train=train, plots=options.plots)
-        elif args.run_id:
-            client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
-            check_run(client, args.run_id)
-            init_ray(args.address)
-            result = evaluate_run(client, args.run_id, options, device=args.device, tasks=args.tasks, progress=True)
-        else:
-            checkpoint = Path(args.checkpoint)
-            read_checkpoint(checkpoint)  # a missing or unreadable checkpoint is refused before Ray starts
-            features_dir = Path(args.features_dir) if args.features_dir else checkpoint.parent / "features" / checkpoint.name
-            init_ray(args.address)
-            result = evaluate_checkpoint(checkpoint, features_dir, n_init=args.n_init, k=args.k, tasks=args.tasks,
-                                         device=args.device, seed=args.seed, plots=options.plots)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
+    source = EvalSource(run_id=args.run_id, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                        features=Path(args.features) if args.features else None,
+                        train_features=Path(args.train_features) if args.train_features else None,
+                        features_dir=Path(args.features_dir) if args.features_dir else None,
+                        tracking_uri=args.tracking_uri)
+    result = evaluate_source(source, options, address=args.address, device=args.device, tasks=args.tasks)
     _print_metrics_table({"evaluation": result.metrics}, result_rows(), result.split)
     if "linear_probe_acc" in result.metrics:
         print(f"{'linear probe (train -> test)':<40}{result.metrics['linear_probe_acc']:>10.3f}")

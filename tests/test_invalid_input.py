@@ -331,7 +331,7 @@ def ray_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Replace every way the CLI starts or attaches to Ray by a recorder that aborts the command."""
     import ray
 
-    from clusterlab.platform import reeval, run
+    from clusterlab.platform import reeval, run, sources
 
     attempts: list[str] = []
 
@@ -344,6 +344,7 @@ def ray_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(ray, "init", refuse("ray.init"))
     monkeypatch.setattr(run, "init_ray", refuse("clusterlab.platform.run.init_ray"))
     monkeypatch.setattr(reeval, "init_ray", refuse("clusterlab.platform.reeval.init_ray"))
+    monkeypatch.setattr(sources, "init_ray", refuse("clusterlab.platform.sources.init_ray"))
     return attempts
 
 

@@ -108,7 +108,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every way these commands start Ray is replaced by a recorder that fails the command."""
     import ray
 
-    from clusterlab.platform import reeval, run
+    from clusterlab.platform import reeval, run, sources
 
     calls: list[str] = []
 
@@ -119,6 +119,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.setattr(run, "init_ray", refuse)
     monkeypatch.setattr(reeval, "init_ray", refuse)
+    monkeypatch.setattr(sources, "init_ray", refuse)
     return calls
 
 

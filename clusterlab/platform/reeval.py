@@ -42,6 +42,12 @@ class EvalOptions:
     seed: int = 0
     plots: bool = True
 
+    def __post_init__(self) -> None:
+        if self.k is not None and self.k < 2:
+            raise ConfigError(f"--k must be >= 2, got {self.k}")
+        if self.n_init < 1:
+            raise ConfigError(f"--n-init must be >= 1, got {self.n_init}")
+
     @property
     def version(self) -> str:
         return f"k{self.k or 'C'}-n{self.n_init}-s{self.seed}"
