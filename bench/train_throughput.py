@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from record import add_rows  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
 from clusterlab.config import ExperimentConfig, PerformanceConfig  # noqa: E402
 from clusterlab.platform.loop import _mean_over_workers, _run_epoch, _shard_indices  # noqa: E402
-from clusterlab.trainers import build_method  # noqa: E402
+from clusterlab.trainers import DataMeta, build_method  # noqa: E402
 from clusterlab.trainers.optim import build_optimizer, build_scheduler  # noqa: E402
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -83,7 +83,7 @@ def build(method_name: str, size: int, batch: int, steps: int, perf: Performance
         "method": method_name, "batch_size": batch, "epochs": 1000, "performance": perf.model_dump(),
         "model": {"backbone": "resnet18", "stem": "cifar" if size <= 64 else "imagenet"}})
     torch.manual_seed(0)
-    method = build_method(cfg, 10, size, MEAN, STD).to(device)
+    method = build_method(cfg, DataMeta(10, size, MEAN, STD)).to(device)
     if perf.enabled("channels_last", device.type):
         method = method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, method.parameters(), fused=perf.enabled("fused_optimizer", device.type))

@@ -11,7 +11,7 @@ import torch
 from clusterlab.config import load_config
 from clusterlab.models import build_backbone, macro_blocks
 from clusterlab.models.backbones import IICVGG4
-from clusterlab.trainers import build_method
+from clusterlab.trainers import DataMeta, build_method
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -81,7 +81,7 @@ def test_channels_last_gives_the_same_representation():
 
 def _method(preset, *overrides):
     cfg = load_config(None, ["model.backbone=iic_vgg4", *overrides], preset=preset)
-    return build_method(cfg, 10, 28, MEAN, STD)
+    return build_method(cfg, DataMeta(10, 28, MEAN, STD))
 
 
 def test_lsdc_step_on_iic_vgg4_trains_only_conv4_and_the_head():

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from clusterlab.config import load_config
-from clusterlab.trainers import build_method
+from clusterlab.trainers import DataMeta, build_method
 from clusterlab.trainers.distributed import local_rows, to_global_batchnorm
 
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3 workers
@@ -48,7 +48,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
 def _method(case: str) -> torch.nn.Module:
     preset, overrides = CASES[case]
     torch.manual_seed(0)  # the same initial weights in every process
-    method = build_method(load_config(None, SMALL + overrides, preset=preset), 10, IMAGE, (0.5,) * 3, (0.25,) * 3)
+    method = build_method(load_config(None, SMALL + overrides, preset=preset), DataMeta(10, IMAGE, (0.5,) * 3, (0.25,) * 3))
     method.set_progress(0.5)  # LSD-C's ramp-up weight > 0
     # float64 weights and views: the comparison then measures the objective, not float32's
     # summation order (threads, reduction trees), which alone moves small gradients by ~1e-5.

@@ -9,7 +9,7 @@ import torch
 
 from clusterlab.config import load_config
 from clusterlab.eval.clustering import relative_cluster_sizes
-from clusterlab.trainers import build_method
+from clusterlab.trainers import DataMeta, build_method
 from clusterlab.trainers.excb_losses import (
     balance,
     batch_cluster_sizes,
@@ -132,7 +132,7 @@ def test_boost_option_runs_a_step():
 
 def _excb(*overrides):
     cfg = load_config(None, ["model.cnn_width=8", *overrides], preset="excb_digits")
-    return build_method(cfg, 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return build_method(cfg, DataMeta(10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
 
 
 def test_step_updates_sizes_and_teacher_follows_the_student():
@@ -262,8 +262,8 @@ def test_an_excb_backbone_can_seed_another_method():
     from clusterlab.trainers.checkpoint import load_backbone
 
     excb = _excb()
-    simclr = build_method(load_config(None, ["model.cnn_width=8"], preset="simclr_digits"), 10, 16,
-                          (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    simclr = build_method(load_config(None, ["model.cnn_width=8"], preset="simclr_digits"),
+                          DataMeta(10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     load_backbone(simclr, {"model": excb.state_dict(), "config": excb.cfg.model_dump(mode="json")})
     for a, b in zip(simclr.backbone.parameters(), excb.student.backbone.parameters()):
         assert torch.equal(a, b)

@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from clusterlab.config import AugmentConfig, PerformanceConfig, load_config
 from clusterlab.data.augment import BatchAugment
 from clusterlab.platform.loop import LocalSession, _autocast, _run_epoch, _shard_indices, fit
-from clusterlab.trainers import build_method
+from clusterlab.trainers import DataMeta, build_method
 from clusterlab.trainers.optim import build_optimizer, build_scheduler
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -26,7 +26,7 @@ def _method(name: str = "mixem", **perf):
     cfg = load_config(None, ["model.cnn_width=8", "batch_size=32"], preset=f"{name}_digits")
     cfg = cfg.model_copy(update={"performance": PerformanceConfig(**perf)})
     torch.manual_seed(0)
-    return cfg, build_method(cfg, 10, SIZE, MEAN, STD)
+    return cfg, build_method(cfg, DataMeta(10, SIZE, MEAN, STD))
 
 
 def _views(n: int = 32) -> list[torch.Tensor]:

@@ -99,18 +99,18 @@ WRITER = textwrap.dedent("""
     import sys
     import numpy as np
     from clusterlab.config import load_config
-    from clusterlab.trainers import build_method
-    from clusterlab.trainers.checkpoint import DataMeta, save_checkpoint
+    from clusterlab.trainers import DataMeta, build_method
+    from clusterlab.trainers.checkpoint import save_checkpoint
     from clusterlab.trainers.optim import build_optimizer, build_scheduler
     from clusterlab.eval.feature_files import write_features
 
     target = sys.argv[2]
     if sys.argv[1] == "checkpoint":
         cfg = load_config(None, ["model.cnn_width=96"], preset="simclr_digits")
-        method = build_method(cfg, 10, 16, (0.5,) * 3, (0.25,) * 3)
+        meta = DataMeta(10, 16, (0.5,) * 3, (0.25,) * 3)
+        method = build_method(cfg, meta)
         optimizer = build_optimizer(cfg.optim, method.parameters())
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.epochs, 10)
-        meta = DataMeta(10, 16, (0.5,) * 3, (0.25,) * 3)
         for epoch in range(1, 10_000):
             history = [{"epoch": float(e), "lr": 0.1} for e in range(1, epoch + 1)]
             save_checkpoint(target, method=method, optimizer=optimizer, scheduler=scheduler, epochs_done=epoch,

@@ -11,7 +11,7 @@ import torch
 
 from clusterlab.config import load_config
 from clusterlab.eval.clustering import head_metrics
-from clusterlab.trainers import build_method
+from clusterlab.trainers import DataMeta, build_method
 from clusterlab.trainers.lsdc_losses import (
     Composition,
     consistency_loss,
@@ -149,7 +149,7 @@ def test_rotate_batch_labels_each_quarter_turn():
 
 def _method(preset, *overrides):
     cfg = load_config(None, ["model.cnn_width=8", *overrides], preset=preset)
-    return build_method(cfg, 10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return build_method(cfg, DataMeta(10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
 
 
 @pytest.mark.parametrize("overrides", [(), ("lsdc.composition=mixup",), ("lsdc.composition=none",),

@@ -11,7 +11,7 @@ import torch
 
 from clusterlab.config import flatten, load_config
 from clusterlab.methods import SPECS, result_rows, spec_for
-from clusterlab.trainers import METHODS, build_method
+from clusterlab.trainers import METHODS, DataMeta, build_method
 
 SIZE = 16
 
@@ -25,7 +25,7 @@ def test_every_spec_has_an_implementation_and_every_implementation_a_spec():
 def test_a_training_step_returns_exactly_the_declared_loss_terms_and_epoch_stats(name):
     torch.manual_seed(0)
     cfg = load_config(None, ["model.cnn_width=8", "batch_size=8"], preset=f"{name}_digits")
-    method = build_method(cfg, 10, SIZE, (0.5,) * 3, (0.25,) * 3).train()
+    method = build_method(cfg, DataMeta(10, SIZE, (0.5,) * 3, (0.25,) * 3)).train()
     images = torch.randint(0, 256, (32, 3, SIZE, SIZE), dtype=torch.uint8)
     method.initialise(images, lambda x, k: x[:k].clone())  # ExCB seeds its 30 centroids; others ignore it
     out = method(method.make_views(images[:8]))

@@ -10,7 +10,7 @@ import torch
 
 from clusterlab.config import load_config
 from clusterlab.eval.clustering import mixem_init_centroids
-from clusterlab.trainers import build_method
+from clusterlab.trainers import DataMeta, build_method
 from clusterlab.trainers.mixem import (
     comp_entropy_loss,
     component_stats,
@@ -20,6 +20,7 @@ from clusterlab.trainers.mixem import (
 )
 
 P = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
+META = DataMeta(10, 16, (0.5,) * 3, (0.25,) * 3)
 
 
 def test_comp_entropy_eq4():
@@ -99,7 +100,7 @@ def test_mixem_released_push_pull_sums_the_views_as_the_released_code():
     torch.manual_seed(0)
     cfg = load_config(None, ["method=mixem", "model.cnn_width=4", "model.embedding_dim=8", "mixem.num_components=4",
                              "mixem.push_pull_form=released"], preset="simclr_digits")
-    method = build_method(cfg, 10, 16, (0.5,) * 3, (0.25,) * 3)
+    method = build_method(cfg, META)
     views = [torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)]
     method.eval()  # BatchNorm on running statistics: the same z whether views pass alone or together
     terms = method(views)["terms"]
@@ -118,9 +119,8 @@ def test_view_reduction_sum_is_the_released_per_view_weighting():
     torch.manual_seed(0)
     overrides = ["method=mixem", "model.cnn_width=4", "model.embedding_dim=8", "mixem.num_components=4"]
     views = [torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)]
-    joint = build_method(load_config(None, overrides, preset="simclr_digits"), 10, 16, (0.5,) * 3, (0.25,) * 3)
-    summed = build_method(load_config(None, overrides + ["mixem.view_reduction=sum"], preset="simclr_digits"),
-                          10, 16, (0.5,) * 3, (0.25,) * 3)
+    joint = build_method(load_config(None, overrides, preset="simclr_digits"), META)
+    summed = build_method(load_config(None, overrides + ["mixem.view_reduction=sum"], preset="simclr_digits"), META)
     summed.load_state_dict(joint.state_dict())
     joint.eval(), summed.eval()  # BatchNorm on running statistics: the same p for one view or two
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_no_nan_with_empty_components_and_batch_of_two(form):
 
 def test_mixem_model_mixes_normalised_component_embeddings():
     cfg = load_config(None, ["method=mixem", "model.cnn_width=4", "model.embedding_dim=8"], preset="simclr_digits")
-    method = build_method(cfg, 10, 16, (0.5,) * 3, (0.25,) * 3)
+    method = build_method(cfg, META)
     assert method.num_components == 10  # M defaults to the number of classes
     h = method.backbone(torch.randn(5, 3, 16, 16))
     p, e, z = method.mixture(h)

@@ -26,9 +26,9 @@ import torch
 from clusterlab import cli
 from clusterlab.data import datasets as ds
 from clusterlab.data.datasets import DatasetFileRefusedError, load_split
+from clusterlab.trainers import DataMeta
 from clusterlab.trainers.checkpoint import (
     CHECKPOINT_FILE,
-    DataMeta,
     method_from_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -198,7 +198,7 @@ def test_a_saved_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
     meta = DataMeta(10, 16, mean, std)
 
     def fresh():
-        method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
+        method = build_method(cfg, meta)
         optimizer = build_optimizer(cfg.optim, method.parameters())
         return method, optimizer, build_scheduler(cfg.optim, optimizer, cfg.epochs, steps_per_epoch=4)
 

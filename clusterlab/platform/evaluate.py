@@ -36,8 +36,8 @@ from clusterlab.eval.plots import (
 )
 from clusterlab.platform import tracking
 from clusterlab.platform.fanout import FanoutResult, kmeans_fanout
-from clusterlab.trainers import Method
-from clusterlab.trainers.checkpoint import DataMeta, method_from_checkpoint, read_checkpoint
+from clusterlab.trainers import DataMeta, Method
+from clusterlab.trainers.checkpoint import method_from_checkpoint, read_checkpoint
 
 
 EVAL_SPLIT_TAG = "clusterlab.eval_split"  # run tag: the images a checkpoint's evaluation scored (eval.split)

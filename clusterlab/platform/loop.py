@@ -25,8 +25,8 @@ import torch.distributed as dist
 from clusterlab.config import ExperimentConfig, PerformanceConfig
 from clusterlab.data.datasets import build_splits
 from clusterlab.eval.kmeans import batched_kmeans
-from clusterlab.trainers import Method, build_method
-from clusterlab.trainers.checkpoint import DataMeta, load_backbone, read_checkpoint, read_history, save_checkpoint
+from clusterlab.trainers import DataMeta, Method, build_method
+from clusterlab.trainers.checkpoint import load_backbone, read_checkpoint, read_history, save_checkpoint
 from clusterlab.trainers.distributed import to_global_batchnorm
 from clusterlab.trainers.optim import build_optimizer, build_scheduler
 
@@ -200,7 +200,7 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(splits.train)})")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
+    method = build_method(cfg, meta)
     method = method.to(device)  # before the optimiser: fused Adam needs its params on the GPU
     perf = cfg.performance
     if perf.enabled("channels_last", device.type):

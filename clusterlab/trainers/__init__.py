@@ -5,7 +5,7 @@ training loop, distribution, precision, checkpointing and logging are not the me
 business (they live in ``clusterlab.platform``).
 """
 
-from clusterlab.trainers.base import METHODS, Method, build_method, register
+from clusterlab.trainers.base import METHODS, DataMeta, Method, build_method, register
 from clusterlab.trainers import excb, lsdc, mixem, rotnet, simclr  # noqa: F401  (register the methods)
 
-__all__ = ["METHODS", "Method", "build_method", "register"]
+__all__ = ["METHODS", "DataMeta", "Method", "build_method", "register"]

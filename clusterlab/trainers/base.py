@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Mapping, TypeVar
 
 import torch
@@ -11,6 +12,17 @@ from clusterlab.config import ExperimentConfig
 from clusterlab.methods import MethodSpec, spec_for
 
 METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclass(frozen=True)
+class DataMeta:
+    """What a method needs to know about its data: classes, image size and normalisation
+    (stored in every checkpoint, so a model is rebuilt without the dataset)."""
+
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 M = TypeVar("M", bound=type["Method"])
 
@@ -41,12 +53,10 @@ class Method(nn.Module):
     #: its loss terms (``forward`` returns them, in logging order), default weights and epoch stats
     spec: ClassVar[MethodSpec]
 
-    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+    def __init__(self, cfg: ExperimentConfig, data: DataMeta) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.num_classes = num_classes
-        self.image_size = image_size
+        self.cfg, self.data = cfg, data
+        self.num_classes, self.image_size = data.num_classes, data.image_size
         self.weights: dict[str, float] = {**self.spec.default_weights, **cfg.loss.weights}
 
     def set_progress(self, epoch: float) -> None:
@@ -80,6 +90,5 @@ class Method(nn.Module):
         return {"representation": self.representation(x)}
 
 
-def build_method(cfg: ExperimentConfig, num_classes: int, image_size: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> Method:
-    return METHODS[cfg.method](cfg, num_classes, image_size, mean, std)
+def build_method(cfg: ExperimentConfig, data: DataMeta) -> Method:
+    return METHODS[cfg.method](cfg, data)

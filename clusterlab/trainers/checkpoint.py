@@ -21,7 +21,6 @@ import os
 import pickle
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,20 +28,10 @@ import numpy as np
 import torch
 
 from clusterlab.config import ExperimentConfig, build_stored_config
-from clusterlab.trainers.base import Method, build_method
+from clusterlab.trainers.base import DataMeta, Method, build_method
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
-
-
-@dataclass(frozen=True)
-class DataMeta:
-    """What the model needs to know about its data: classes, size and normalisation."""
-
-    num_classes: int
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -132,7 +121,7 @@ def method_from_checkpoint(state: dict[str, Any]) -> tuple[Method, ExperimentCon
     """Rebuild the trained method (in eval mode, on the CPU) from :func:`read_checkpoint`'s result."""
     cfg = build_stored_config(state["config"], source="checkpoint config")
     meta = DataMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["meta"].items()})
-    method = build_method(cfg, meta.num_classes, meta.image_size, meta.mean, meta.std)
+    method = build_method(cfg, meta)
     method.load_state_dict(state["model"])
     return method.eval(), cfg, meta
 

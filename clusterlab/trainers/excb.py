@@ -23,7 +23,7 @@ from torch import nn
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import BatchAugment
 from clusterlab.models import ProjectionHead, build_backbone
-from clusterlab.trainers.base import Method, register
+from clusterlab.trainers.base import DataMeta, Method, register
 from clusterlab.trainers.excb_losses import (
     balance,
     batch_cluster_sizes,
@@ -46,23 +46,22 @@ class _Encoder(nn.Module):
 
 @register("excb")
 class ExCB(Method):
-    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
-        super().__init__(cfg, num_classes, image_size, mean, std)
+    def __init__(self, cfg: ExperimentConfig, data: DataMeta) -> None:
+        super().__init__(cfg, data)
         opts = cfg.excb
-        self.num_clusters = opts.num_clusters or num_classes
-        self.student = _Encoder(cfg, image_size, self.num_clusters)
+        self.num_clusters = opts.num_clusters or data.num_classes
+        self.student = _Encoder(cfg, data.image_size, self.num_clusters)
         # The student's backbone is also the method's ``backbone``, so that its checkpoint keys
         # are ``backbone.*`` like every method's (another method can start from it).
         self.backbone = self.student.backbone
         self.predictor = ProjectionHead(opts.projector_dim, opts.projector_dim, opts.projector_dim)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("cluster_sizes", torch.full((self.num_clusters,), 1.0 / self.num_clusters))
-        local_size = opts.local_size or max(4, image_size // 2)
+        local_size = opts.local_size or max(4, data.image_size // 2)
         self.global_views = BatchAugment(cfg.augment.model_copy(update={"crop_scale": opts.global_scale}),
-                                         image_size, mean, std)
+                                         data.image_size, data.mean, data.std)
         self.local_views = BatchAugment(cfg.augment.model_copy(update={"crop_scale": opts.local_scale}),
-                                        local_size, mean, std)
+                                        local_size, data.mean, data.std)
         self._progress = 0.0
 
     def set_progress(self, epoch: float) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import BatchAugment, Normalize
 from clusterlab.models import build_backbone, macro_blocks
-from clusterlab.trainers.base import Method, register
+from clusterlab.trainers.base import DataMeta, Method, register
 from clusterlab.trainers.distributed import gather_rows, local_rows, world
 from clusterlab.trainers.lsdc_losses import (
     Composition,
@@ -39,14 +39,13 @@ from clusterlab.trainers.lsdc_losses import (
 
 @register("lsdc")
 class LSDC(Method):
-    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
-        super().__init__(cfg, num_classes, image_size, mean, std)
-        self.backbone, feat_dim = build_backbone(cfg.model, image_size)
-        self.num_clusters = cfg.lsdc.num_clusters or num_classes
+    def __init__(self, cfg: ExperimentConfig, data: DataMeta) -> None:
+        super().__init__(cfg, data)
+        self.backbone, feat_dim = build_backbone(cfg.model, data.image_size)
+        self.num_clusters = cfg.lsdc.num_clusters or data.num_classes
         self.head = nn.Linear(feat_dim, self.num_clusters)
-        self.augment = BatchAugment(cfg.augment, image_size, mean, std)
-        self.normalize = Normalize(mean, std)
+        self.augment = BatchAugment(cfg.augment, data.image_size, data.mean, data.std)
+        self.normalize = Normalize(data.mean, data.std)
         self._frozen = macro_blocks(self.backbone)[: cfg.lsdc.train_from_block - 1]
         for block in self._frozen:
             block.requires_grad_(False)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clusterlab.config import ExperimentConfig
-from clusterlab.trainers.base import register
+from clusterlab.trainers.base import DataMeta, register
 from clusterlab.trainers.distributed import gather_rows
 from clusterlab.trainers.simclr import SimCLR, nt_xent_loss
 
@@ -159,13 +159,12 @@ class ParallelHeads(nn.Module):
 class MixEM(SimCLR):
     """SimCLR with the mixture-of-embeddings head (Eq. 3) and the loss of Eq. 9."""
 
-    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
-        super().__init__(cfg, num_classes, image_size, mean, std)
+    def __init__(self, cfg: ExperimentConfig, data: DataMeta) -> None:
+        super().__init__(cfg, data)
         feat_dim = self.head.net[0].in_features
         hidden = cfg.model.hidden_dim or feat_dim
         del self.head  # replaced by the mixture (Eq. 3)
-        self.num_components = cfg.mixem.num_components or num_classes
+        self.num_components = cfg.mixem.num_components or data.num_classes
         self.heads = ParallelHeads(self.num_components, feat_dim, hidden, cfg.model.embedding_dim)
         self.gate = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True),
                                   nn.Linear(hidden, self.num_components))

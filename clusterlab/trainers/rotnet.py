@@ -10,7 +10,7 @@ from torch import nn
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import BatchAugment
 from clusterlab.models import build_backbone
-from clusterlab.trainers.base import Method, register
+from clusterlab.trainers.base import DataMeta, Method, register
 
 
 def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,12 +25,11 @@ def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class RotNet(Method):
     """Backbone + 4-way linear rotation classifier, cross-entropy over the four rotations."""
 
-    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
-        super().__init__(cfg, num_classes, image_size, mean, std)
-        self.backbone, feat_dim = build_backbone(cfg.model, image_size)
+    def __init__(self, cfg: ExperimentConfig, data: DataMeta) -> None:
+        super().__init__(cfg, data)
+        self.backbone, feat_dim = build_backbone(cfg.model, data.image_size)
         self.rotation_head = nn.Linear(feat_dim, 4)
-        self.augment = BatchAugment(cfg.augment, image_size, mean, std)
+        self.augment = BatchAugment(cfg.augment, data.image_size, data.mean, data.std)
 
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.augment(images)]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import BatchAugment, Normalize
 from clusterlab.models import ProjectionHead, build_backbone
-from clusterlab.trainers.base import Method, register
+from clusterlab.trainers.base import DataMeta, Method, register
 from clusterlab.trainers.distributed import gather_rows
 
 
@@ -43,13 +43,12 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> to
 class SimCLR(Method):
     """Backbone f + projection head g, trained with NT-Xent on two augmented views."""
 
-    def __init__(self, cfg: ExperimentConfig, num_classes: int, image_size: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
-        super().__init__(cfg, num_classes, image_size, mean, std)
-        self.backbone, feat_dim = build_backbone(cfg.model, image_size)
+    def __init__(self, cfg: ExperimentConfig, data: DataMeta) -> None:
+        super().__init__(cfg, data)
+        self.backbone, feat_dim = build_backbone(cfg.model, data.image_size)
         self.head = ProjectionHead(feat_dim, cfg.model.hidden_dim or feat_dim, cfg.model.embedding_dim)
-        self.augment = BatchAugment(cfg.augment, image_size, mean, std)
-        self.normalize = Normalize(mean, std)
+        self.augment = BatchAugment(cfg.augment, data.image_size, data.mean, data.std)
+        self.normalize = Normalize(data.mean, data.std)
 
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.augment(images), self.augment(images)]
