@@ -124,3 +124,18 @@ def test_without_metric_runs_of_mixed_or_unknown_methods_ask_for_one(sweep_store
     client.log_param(other, "method", "lsdc")
     assert cli.main(["heatmap", "--experiment", "hm", "--x", "lambda_3", "--y", "lambda_4"]) == 2
     assert "trained ['lsdc', 'mixem']; name the metric to draw, e.g. --metric" in capsys.readouterr().err
+
+
+def test_a_sweep_draws_from_the_runs_and_grid_it_holds_as_the_standalone_command_reads_them(sweep_store):
+    """The sweep passes its children and grid (no second lookup); the cells are the same."""
+    from clusterlab.platform.heatmap import grid_cells
+
+    client, _ = sweep_store
+    axes = ("loss.weights.push", "loss.weights.pull", "loss.weights.inst_ent")
+    read, parent, metric = sweep_cells(client, "hm", *axes)
+    children = [r for r in client.search_runs([client.get_experiment_by_name("hm").experiment_id])
+                if r.info.run_id != parent]
+    grid = {"loss.weights.inst_ent": [0.01, 0.1], "loss.weights.push": [0.0, 0.1], "loss.weights.pull": [0.0, 0.1]}
+    held = grid_cells(children, *axes, metric, grid, "hm")
+    assert [(c.facet, c.x, c.y, c.n, c.status) for c in held] == [(c.facet, c.x, c.y, c.n, c.status) for c in read]
+    assert [c.mean for c in held if c.status == "ok"] == [c.mean for c in read if c.status == "ok"]

@@ -53,7 +53,7 @@ def _parent_grid(client: MlflowClient, parent_id: str | None) -> dict[str, list[
         except Exception:  # no such artifact: the grid is whatever the runs cover
             return {}
     search = (parse_yaml(text) or {}).get("search") or {}
-    return {LAMBDA_ALIASES.get(k, k): [_value(v) for v in (d or {}).get("grid") or []] for k, d in search.items()}
+    return {LAMBDA_ALIASES.get(k, k): list((d or {}).get("grid") or []) for k, d in search.items()}
 
 
 def headline_metric(runs: list[Any], experiment: str) -> str:
@@ -68,8 +68,9 @@ def headline_metric(runs: list[Any], experiment: str) -> str:
 
 def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None,
                 metric: str | None = None) -> tuple[list[Cell], str | None, str]:
-    """Every grid cell of the experiment's sweep -> (cells, parent run id or None, the metric
-    drawn: ``metric``, else the method's headline metric)."""
+    """Every grid cell of the experiment's sweep, read from MLflow (the standalone ``clusterlab
+    heatmap``) -> (cells, parent run id or None, the metric drawn: ``metric``, else the method's
+    headline metric). The grid is the parent's ``search_space.yaml`` where there is one."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in this tracking store")
@@ -78,12 +79,18 @@ def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: st
             if r.data.tags.get(ROLE_TAG) != "parent"]
     if not runs:
         raise ConfigError(f"--experiment: {experiment!r} has no trial runs yet")
+    metric = metric or headline_metric(runs, experiment)
+    return grid_cells(runs, x, y, facet, metric, _parent_grid(client, parent_id), experiment), parent_id, metric
+
+
+def grid_cells(runs: list[Any], x: str, y: str, facet: str | None, metric: str, grid: dict[str, list[Any]],
+               experiment: str) -> list[Cell]:
+    """The cells of the (facet, x, y) grid: every value in ``grid`` (the searched values) or in
+    the runs' params, each cell the mean and std of ``metric`` over its finished runs."""
     for flag, key in (("--x", x), ("--y", y), ("--facet", facet)):
         if key is not None and not any(key in r.data.params for r in runs):
             raise ConfigError(f"{flag}: no run of {experiment!r} has the param {key!r} (e.g. loss.weights.push, "
                               "or lambda_2..lambda_4)")
-    if metric is None:
-        metric = headline_metric(runs, experiment)
     if not any(metric in r.data.metrics for r in runs):
         available = sorted({m for r in runs for m in r.data.metrics if m.endswith(("_acc", "_nmi", "_ari", "loss"))})
         raise ConfigError(f"--metric: no run of {experiment!r} logged {metric!r}; available: {', '.join(available)}")
@@ -93,10 +100,9 @@ def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: st
         key = (_value(r.data.params.get(facet)) if facet else None, _value(r.data.params[x]), _value(r.data.params[y]))
         groups.setdefault(key, []).append(r)
 
-    grid = _parent_grid(client, parent_id)
-
     def axis(i: int, name: str | None) -> list[Any]:
-        return sorted(set(grid.get(name, [])) | {k[i] for k in groups}, key=lambda v: (str(type(v)), v))
+        values = {_value(v) for v in grid.get(name or "", [])}
+        return sorted(values | {k[i] for k in groups}, key=lambda v: (str(type(v)), v))
 
     cells = []
     for f in (axis(0, facet) if facet else [None]):
@@ -108,7 +114,7 @@ def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: st
                     cells.append(Cell(f, xv, yv, float(np.mean(values)), float(np.std(values)), len(values), "ok"))
                 else:
                     cells.append(Cell(f, xv, yv, float("nan"), float("nan"), 0, "failed" if members else "missing"))
-    return cells, parent_id, metric
+    return cells
 
 
 def write_csv(cells: list[Cell], path: Path, x: str, y: str, facet: str | None, metric: str) -> None:
@@ -123,13 +129,21 @@ def write_csv(cells: list[Cell], path: Path, x: str, y: str, facet: str | None, 
 
 def draw_heatmap(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None = None,
                  metric: str | None = None, out: str | Path | None = None) -> Path:
-    """Heatmap PNG + CSV (same name, ``.csv``) of ``metric`` (default: the method's headline
-    metric, :attr:`~clusterlab.methods.MethodSpec.headline_metric`) over the sweep's grid; both are
-    logged to the sweep's parent run when there is one. ``x``/``y``/``facet`` are param names
-    or the paper's ``lambda_1`` .. ``lambda_4``."""
+    """``clusterlab heatmap``: the sweep's cells read from MLflow (:func:`sweep_cells`), drawn by
+    :func:`write_heatmap`. ``x``/``y``/``facet`` are param names or the paper's ``lambda_1`` ..
+    ``lambda_4``; ``metric`` defaults to the method's headline metric
+    (:attr:`~clusterlab.methods.MethodSpec.headline_metric`)."""
     x, y = LAMBDA_ALIASES.get(x, x), LAMBDA_ALIASES.get(y, y)
     facet = LAMBDA_ALIASES.get(facet, facet) if facet else None
     cells, parent_id, metric = sweep_cells(client, experiment, x, y, facet, metric)
+    return write_heatmap(cells, x, y, facet, metric, experiment, out, client, parent_id)
+
+
+def write_heatmap(cells: list[Cell], x: str, y: str, facet: str | None, metric: str, experiment: str,
+                  out: str | Path | None = None, client: MlflowClient | None = None,
+                  parent_id: str | None = None) -> Path:
+    """Heatmap PNG + CSV (same name, ``.csv``) of the cells; both are logged to the sweep's
+    parent run when there is one."""
     # The default file stays in the working directory whatever the experiment is called ("../x").
     out = Path(out or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{experiment}_{metric}_heatmap.png").lstrip("."))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +153,7 @@ def draw_heatmap(client: MlflowClient, experiment: str, x: str, y: str, facet: s
     figure.savefig(out, dpi=120)
     csv_path = out.with_suffix(".csv")
     write_csv(cells, csv_path, x, y, facet, metric)
-    if parent_id is not None:
+    if client is not None and parent_id is not None:
         client.log_artifact(parent_id, str(out), "heatmap")
         client.log_artifact(parent_id, str(csv_path), "heatmap")
     return out

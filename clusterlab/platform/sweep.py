@@ -269,7 +269,7 @@ def _tune_config(space: SearchSpace, method: str, generator: type, concurrency: 
 def _summarise(client: tracking.MlflowClient, experiment_id: str, parent: str, space: SearchSpace, name: str,
                method: str, heatmap_out: Path) -> SweepResult:
     """Best trial's params and metrics onto the parent run, and the heatmap for weight grids."""
-    from clusterlab.platform.heatmap import draw_heatmap
+    from clusterlab.platform.heatmap import grid_cells, write_heatmap
 
     children = _child_runs(client, experiment_id, parent)
     best = _best_run(children, space.tune.metric, space.tune.mode)
@@ -283,8 +283,11 @@ def _summarise(client: tracking.MlflowClient, experiment_id: str, parent: str, s
                                  **{f"best.{k}": v for k, v in best_params.items()}})
     heatmap = None
     axes = heatmap_axes(space)
-    if axes is not None:
-        heatmap = draw_heatmap(client, name, *axes, metric=heatmap_metric(method), out=heatmap_out)
+    if axes is not None:  # the cells from the runs and grid at hand, not looked up again
+        metric = heatmap_metric(method)
+        grid = {key: space.search[key].grid or [] for key in space.grid_keys()}
+        cells = grid_cells(children, *axes, metric, grid, name)
+        heatmap = write_heatmap(cells, *axes, metric, name, heatmap_out, client, parent)
     failed = sum(r.info.status == "FAILED" for r in children)
     client.log_metric(parent, "failed_trials", failed)
     return SweepResult(name, experiment_id, parent, best.info.run_id if best else None, best_params, best_metrics,
