@@ -9,7 +9,9 @@ the method's name; the torch part of the method (``clusterlab.trainers``) regist
 same name and reads its loss terms from here.
 
 Adding a method: its spec here, its module in ``clusterlab/trainers/`` (``@register(name)``) and
-its presets in ``clusterlab/config.py``; nothing in ``clusterlab/platform/`` or the CLI.
+its presets in ``clusterlab/config.py``; nothing in ``clusterlab/platform/`` or the CLI. A method
+kept outside the package registers its spec with :func:`register_spec` (naming its ``module``)
+in every process that may build it, e.g. from a ``sitecustomize`` (tests/test_methods.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ class MethodSpec:
     config_section: str | None = None
     #: raises ConfigError when the data cannot serve the method: (config, split sizes)
     check_data: Callable[[ExperimentConfig, Mapping[str, int]], None] | None = field(default=None, compare=False)
+    #: the module whose import registers the torch implementation (``@register(name)``);
+    #: imported on first use, in whichever process builds the model. Default
+    #: ``clusterlab.trainers.<name>``; a method kept elsewhere names its own module.
+    module: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.module:
+            object.__setattr__(self, "module", f"clusterlab.trainers.{self.name}")
 
     def epoch_metrics(self) -> set[str]:
         """Every metric the training loop reports per epoch for this method (Tune can schedule on these)."""

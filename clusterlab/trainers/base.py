@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Mapping, TypeVar
 
@@ -91,4 +92,7 @@ class Method(nn.Module):
 
 
 def build_method(cfg: ExperimentConfig, data: DataMeta) -> Method:
+    """The method ``cfg.method`` for ``data``; its implementation module is imported on first use."""
+    if cfg.method not in METHODS:
+        importlib.import_module(spec_for(cfg.method).module)
     return METHODS[cfg.method](cfg, data)
