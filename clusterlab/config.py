@@ -292,15 +292,8 @@ class PerformanceConfig(StrictModel):
 
 #: LSD-C main paper Sec. 4 (SGD, every dataset but Reuters) and supplementary Sec. 1: "we have
 #: to decrease the weight decay to 1e-4 to make MixUp work".
-LSDC_WEIGHT_DECAY, LSDC_MIXUP_WEIGHT_DECAY = 5e-4, 1e-4
+#: ``optim.weight_decay`` when no layer sets it and the method's spec names none
 DEFAULT_WEIGHT_DECAY = 1e-6
-
-
-def default_weight_decay(method: str, composition: str) -> float:
-    """``optim.weight_decay`` when no layer sets it: LSD-C's paper values, else 1e-6."""
-    if method == "lsdc":
-        return LSDC_MIXUP_WEIGHT_DECAY if composition == "mixup" else LSDC_WEIGHT_DECAY
-    return DEFAULT_WEIGHT_DECAY
 
 
 class ExperimentConfig(StrictModel):
@@ -346,8 +339,11 @@ class ExperimentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
+        from clusterlab.methods import spec_for  # lazy: the specs' checks import this module
+
+        spec = spec_for(self.method)
         if self.optim.weight_decay is None:  # after every layer, so a sweep's searched composition counts too
-            self.optim.weight_decay = default_weight_decay(self.method, self.lsdc.composition)
+            self.optim.weight_decay = spec.weight_decay(self) if spec.weight_decay else DEFAULT_WEIGHT_DECAY
         if self.optim.warmup_epochs >= self.epochs:
             raise ValueError(f"optim.warmup_epochs ({self.optim.warmup_epochs}) must be < epochs ({self.epochs})")
         if self.batch_size % self.resources.num_workers:
@@ -357,17 +353,13 @@ class ExperimentConfig(StrictModel):
             )
         if self.data.protocol == "train+unlabeled" and self.data.name != "stl10":
             raise ValueError("data.protocol 'train+unlabeled' exists for data.name 'stl10' only")
-        if self.method == "excb" and self.model.backbone == "iic_vgg4" and self.excb.local_crops:
-            raise ValueError("excb.local_crops: model.backbone 'iic_vgg4' flattens its last feature map, so it "
-                             "takes one image size only and cannot embed ExCB's smaller local crops; set "
-                             "excb.local_crops=0 or another backbone")
+        if spec.check_config is not None:
+            spec.check_config(self)
         if self.data.name == "imagefolder" and self.data.image_size is None:
             raise ValueError("data.image_size is required for data.name 'imagefolder'")
         if self.data.name not in ("digits",) and self.data.root is None:
             raise ValueError(f"data.root is required for data.name {self.data.name!r} (pass --data-root DIR)")
-        from clusterlab.methods import spec_for
-
-        terms = spec_for(self.method).loss_terms
+        terms = spec.loss_terms
         unknown = set(self.loss.weights) - set(terms)
         if unknown:
             raise ValueError(
@@ -495,7 +487,7 @@ def _lsdc(dataset: str, epochs: int, milestones: list[int], lam: float, length: 
     the whole dataset"): ``data.protocol: train+test``, ``eval.split: all``."""
     return {"method": "lsdc", "data": {"name": dataset, "protocol": "train+test"}, "eval": {"split": "all"},
             "augment": _CROP_FLIP,
-            "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9,  # weight decay: default_weight_decay
+            "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9,  # weight decay: methods.lsdc_weight_decay
                       "schedule": "multistep" if milestones else "constant", "milestones": milestones, "gamma": 0.1},
             "batch_size": 256, "epochs": epochs,
             "lsdc": {"rampup_lambda": lam, "rampup_length": length, "composition": "ricap", **lsdc}}

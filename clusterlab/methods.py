@@ -59,6 +59,10 @@ class MethodSpec:
     config_section: str | None = None
     #: raises ConfigError when the data cannot serve the method: (config, split sizes)
     check_data: Callable[[ExperimentConfig, Mapping[str, int]], None] | None = field(default=None, compare=False)
+    #: raises ValueError (naming the field) for a combination of settings the method cannot run
+    check_config: Callable[[ExperimentConfig], None] | None = field(default=None, compare=False)
+    #: ``optim.weight_decay`` when no layer sets it (None: config.DEFAULT_WEIGHT_DECAY)
+    weight_decay: Callable[[ExperimentConfig], float] | None = field(default=None, compare=False)
     #: the module whose import registers the torch implementation (``@register(name)``);
     #: imported on first use, in whichever process builds the model. Default
     #: ``clusterlab.trainers.<name>``; a method kept elsewhere names its own module.
@@ -105,6 +109,18 @@ def result_rows(methods: list[str] | None = None) -> list[tuple[str, str]]:
     return [*COMMON_READINGS, *extra, PIXELS_READING]
 
 
+def lsdc_weight_decay(cfg: ExperimentConfig) -> float:
+    """LSD-C supplementary Sec. 1: 5e-4, and 1e-4 with MixUp as the composition."""
+    return 1e-4 if cfg.lsdc.composition == "mixup" else 5e-4
+
+
+def _excb_local_crops_fit_the_backbone(cfg: ExperimentConfig) -> None:
+    if cfg.model.backbone == "iic_vgg4" and cfg.excb.local_crops:
+        raise ValueError("excb.local_crops: model.backbone 'iic_vgg4' flattens its last feature map, so it takes one "
+                         "image size only and cannot embed ExCB's smaller local crops; set excb.local_crops=0 or "
+                         "another backbone")
+
+
 def _excb_has_images_for_its_centroids(cfg: ExperimentConfig, sizes: Mapping[str, int]) -> None:
     """ExCB seeds its K centroids with K-means on up to ``excb.centroid_init_samples`` training
     images (the released code's initialisation), which needs at least K images."""
@@ -144,6 +160,7 @@ register_spec(MethodSpec(
     extra_reading_metrics=HEAD_METRICS,
     headline_metric="head_acc",  # LSD-C Tables 2-4 report the head's clusters
     config_section="lsdc",
+    weight_decay=lsdc_weight_decay,
 ))
 register_spec(MethodSpec(
     "excb",
@@ -155,4 +172,5 @@ register_spec(MethodSpec(
     headline_metric="head_acc",
     config_section="excb",
     check_data=_excb_has_images_for_its_centroids,
+    check_config=_excb_local_crops_fit_the_backbone,
 ))
