@@ -42,7 +42,7 @@ import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -162,7 +162,10 @@ class ImageArray:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a dataset, used to validate requests before reading.
+    """Static facts about a dataset, used to validate requests before reading, and the functions
+    that locate, check, read and download its files, to which :func:`expected_files`,
+    :func:`check_dataset`, :func:`load_split` and :func:`download_dataset` dispatch. The
+    entries, :data:`DATASETS`, follow the functions they name (after the readers).
 
     ``mean``/``std`` are the per-channel RGB statistics in [0, 1] of the train
     split; ``None`` means they are computed from the loaded train split
@@ -177,99 +180,22 @@ class DatasetInfo:
     splits: tuple[str, ...]
     directory: str
     how_to_get: str
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo(
-        name="cifar10",
-        num_classes=10,
-        image_size=32,
-        # Pixel statistics of the 50k training images (population std; the often
-        # quoted (0.2023, 0.1994, 0.2010) is not the pixel std).
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        splits=("train", "test"),
-        directory="cifar-10-batches-py",
-        how_to_get=(
-            "run `clusterlab data download cifar10 --data-root ROOT` on a machine with internet, "
-            "or copy the extracted cifar-10-python.tar.gz "
-            "(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) there"
-        ),
-    ),
-    "cifar100_20": DatasetInfo(
-        name="cifar100_20",
-        num_classes=20,
-        image_size=32,
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-        splits=("train", "test"),
-        directory="cifar-100-python",
-        how_to_get=(
-            "run `clusterlab data download cifar100_20 --data-root ROOT` on a machine with internet, "
-            "or copy the extracted cifar-100-python.tar.gz "
-            "(https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz) there"
-        ),
-    ),
-    "stl10": DatasetInfo(
-        name="stl10",
-        num_classes=10,
-        image_size=96,
-        # None: computed from the 5k labelled train images at load time rather than
-        # hard-coding constants we cannot verify offline.
-        mean=None,
-        std=None,
-        splits=("train", "test", "unlabeled"),
-        directory="stl10_binary",
-        how_to_get=(
-            "run `clusterlab data download stl10 --data-root ROOT` on a machine with internet, "
-            "or copy the extracted stl10_binary.tar.gz "
-            "(http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz) there"
-        ),
-    ),
-    "imagefolder": DatasetInfo(
-        name="imagefolder",
-        num_classes=None,  # number of class folders under ROOT/train
-        image_size=None,  # must be given explicitly
-        mean=None,
-        std=None,
-        splits=("train", "test"),
-        directory="",
-        how_to_get=(
-            "arrange your images as ROOT/train/<class>/<image> and ROOT/test/<class>/<image> "
-            "(test classes must be a subset of train classes)"
-        ),
-    ),
-    "digits": DatasetInfo(
-        name="digits",
-        num_classes=10,
-        # Native images are 8x8; they are served upscaled to 16x16 because
-        # random-resized crops of 8 px images leave too little to recognise.
-        image_size=16,
-        mean=None,
-        std=None,
-        splits=("train", "test"),
-        directory="",
-        how_to_get="bundled with scikit-learn (sklearn.datasets.load_digits); no files needed",
-    ),
-    "mnist": DatasetInfo(
-        name="mnist",
-        num_classes=10,
-        image_size=_MNIST_SIZE,
-        # Pixel statistics of the 60k training images (population std; tests/test_datasets.py
-        # recomputes them from the real files), the values commonly quoted for MNIST.
-        mean=(0.1307, 0.1307, 0.1307),
-        std=(0.3081, 0.3081, 0.3081),
-        splits=("train", "test"),
-        directory="MNIST/raw",
-        how_to_get=(
-            "set data.download=true (or run `clusterlab data download mnist --data-root ROOT`) on a machine with "
-            "internet, which downloads it with torchvision.datasets.MNIST into ROOT/MNIST/raw, or copy the four IDX "
-            "files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-            "t10k-labels-idx1-ubyte (http://yann.lecun.com/exdb/mnist/) into ROOT/MNIST/raw, each uncompressed or "
-            "gzipped as the same name + .gz"
-        ),
-    ),
-}
+    # The paths of a split in ``d`` = ROOT/directory: files, or directories if ``paths_are_dirs``.
+    split_files: Callable[[Path, str], list[Path]]
+    # Checks the content of a split whose paths exist, raising DatasetFileDamagedError or
+    # DatasetFileRefusedError; None when there is nothing to check.
+    check_split: Callable[[DatasetInfo, Path, str], None] | None
+    # (root, the split's files, split, image_size) -> (images, labels) at native size (see the readers).
+    read: Callable[[Path | None, list[Path], str, int], tuple[np.ndarray, np.ndarray]]
+    # Downloads the files into the data root with torchvision; None when they cannot be downloaded.
+    download: Callable[[Path], None] | None
+    # Further files in ROOT/directory that every request needs (the metadata torchvision requires too).
+    meta_files: tuple[str, ...] = ()
+    paths_are_dirs: bool = False
+    # False for a dataset without files, whose data root may be None.
+    needs_root: bool = True
+    # How to fix a damaged file ({root}: the data root), the end of DatasetFileDamagedError's message.
+    repair: str = ""
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -309,23 +235,8 @@ class DatasetFileDamagedError(_DatasetFileError, ValueError):
     ``data.root: ...``) and, for older callers, a ``ValueError``."""
 
 
-# How to repair a damaged file of each dataset; {root} is the data root.
-_REPAIR: dict[str, str] = {
-    "cifar10": ("re-download CIFAR-10 (data.download=true, or `clusterlab data download cifar10 --data-root {root}`) "
-                "or restore the file from cifar-10-python.tar.gz"),
-    "cifar100_20": ("re-download CIFAR-100 (data.download=true, or `clusterlab data download cifar100_20 "
-                    "--data-root {root}`) or restore the file from cifar-100-python.tar.gz"),
-    "stl10": ("re-download STL-10 (data.download=true, or `clusterlab data download stl10 --data-root {root}`) "
-              "or restore the file from stl10_binary.tar.gz"),
-    "imagefolder": "replace it with an intact image or remove it from {root}",
-    "mnist": ("delete it and rerun with data.download=true (or `clusterlab data download mnist --data-root {root}`), "
-              "or replace it with the original file from http://yann.lecun.com/exdb/mnist/ (uncompressed, or "
-              "gzipped as the same name + .gz)"),
-}
-
-
 def _damaged(name: str, root: Path, path: Path, what: str, fix: str | None = None) -> DatasetFileDamagedError:
-    fix = fix if fix is not None else _REPAIR[name].format(root=root)
+    fix = fix if fix is not None else DATASETS[name].repair.format(root=root)
     return DatasetFileDamagedError(f"dataset {name!r}: {path} is damaged: {what}. To fix it: {fix}", path)
 
 
@@ -347,10 +258,10 @@ def _check_splits(info: DatasetInfo, splits: Sequence[str]) -> None:
 
 
 def _root(info: DatasetInfo, data_root: str | Path | None) -> Path | None:
-    """Absolute data root, or None for datasets that need no files."""
-    if info.name == "digits":
-        return None if data_root is None else Path(data_root).expanduser().absolute()
+    """Absolute data root, or None when none is given for a dataset that needs no files."""
     if data_root is None:
+        if not info.needs_root:
+            return None
         raise ValueError(
             f"dataset {info.name!r} needs a data root (directory containing "
             f"{info.directory or 'train/ and test/'}); to get the files: {info.how_to_get}"
@@ -359,23 +270,7 @@ def _root(info: DatasetInfo, data_root: str | Path | None) -> Path | None:
 
 
 def _split_files(info: DatasetInfo, root: Path, split: str) -> list[Path]:
-    d = root / info.directory
-    if info.name == "cifar10":
-        return [d / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [d / "test_batch"]
-    if info.name == "cifar100_20":
-        return [d / split]
-    if info.name == "stl10":
-        if split == "unlabeled":
-            return [d / "unlabeled_X.bin"]
-        return [d / f"{split}_X.bin", d / f"{split}_y.bin"]
-    if info.name == "imagefolder":
-        return [root / split]
-    if info.name == "mnist":
-        # Each file uncompressed, or else NAME.gz when only that exists; the uncompressed name
-        # when neither does, so a missing file is reported under the name torchvision writes.
-        names = [f"{_MNIST_PREFIX[split]}-{kind}" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-        return [d / f"{n}.gz" if not (d / n).is_file() and (d / f"{n}.gz").is_file() else d / n for n in names]
-    return []
+    return info.split_files(root / info.directory, split)
 
 
 def expected_files(name: str, data_root: str | Path | None, splits: Sequence[str]) -> list[Path]:
@@ -387,13 +282,9 @@ def expected_files(name: str, data_root: str | Path | None, splits: Sequence[str
     info = _info(name)
     _check_splits(info, splits)
     root = _root(info, data_root)
-    if root is None or info.name == "digits":
+    if root is None:
         return []
-    paths: list[Path] = []
-    if info.name == "cifar10":
-        paths.append(root / info.directory / "batches.meta")
-    elif info.name == "cifar100_20":
-        paths.append(root / info.directory / "meta")
+    paths: list[Path] = [root / info.directory / meta for meta in info.meta_files]
     for split in splits:
         for p in _split_files(info, root, split):
             if p not in paths:
@@ -417,10 +308,8 @@ def check_dataset(name: str, data_root: str | Path | None, splits: Sequence[str]
     """
     info = _info(name)
     paths = expected_files(name, data_root, splits)
-    if info.name == "imagefolder":
-        missing = [p for p in paths if not p.is_dir()]
-    else:
-        missing = [p for p in paths if not p.is_file()]
+    exists = Path.is_dir if info.paths_are_dirs else Path.is_file
+    missing = [p for p in paths if not exists(p)]
     if missing:
         root = _root(info, data_root)
         lines = "\n".join(f"  {p}" for p in missing)
@@ -432,18 +321,9 @@ def check_dataset(name: str, data_root: str | Path | None, splits: Sequence[str]
         )
     root = _root(info, data_root)
     assert root is not None or not paths
-    if info.name in ("cifar10", "cifar100_20"):
-        for path in paths:
-            _check_cifar_file(info, path)
-    elif info.name == "stl10":
+    if info.check_split is not None:
         for split in splits:
-            _stl10_sizes_and_labels(info, _split_files(info, root, split), split)
-    elif info.name == "imagefolder":
-        for split in splits:
-            _check_imagefolder_split(root, split)
-    elif info.name == "mnist":
-        for split in splits:
-            _check_mnist_split(root, split)
+            info.check_split(info, root, split)
 
 
 # Files (and ImageFolder split trees) already validated in this process, keyed by
@@ -476,13 +356,19 @@ def _check_cifar_file(info: DatasetInfo, path: Path) -> None:
     if key in _VALIDATED:
         return
     entry = _load_cifar_entry(info, path)
-    if path.name in ("batches.meta", "meta"):
+    if path.name in info.meta_files:
         if not isinstance(entry, dict):
             raise _damaged(info.name, path.parent.parent, path,
                            f"not a CIFAR metadata file (expected a pickled dict, got {type(entry).__name__})")
     else:
         _cifar_batch(info, entry, path)
     _VALIDATED.add(key)
+
+
+def _check_cifar_split(info: DatasetInfo, root: Path, split: str) -> None:
+    """The metadata file and the split's batches, each checked by :func:`_check_cifar_file`."""
+    for path in expected_files(info.name, root, [split]):
+        _check_cifar_file(info, path)
 
 
 # -------------------------------------------------------------------------- readers
@@ -883,23 +769,197 @@ def _read_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return (x_tr, y_tr) if split == "train" else (x_te, y_te)
 
 
-def _read_raw(info: DatasetInfo, root: Path | None, split: str, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    if info.name == "digits":
-        return _read_digits(split)
-    assert root is not None
-    files = _split_files(info, root, split)
-    if info.name == "cifar10":
-        return _read_cifar10(files)
-    if info.name == "cifar100_20":
-        return _read_cifar100_20(files[0])
-    if info.name == "stl10":
-        return _read_stl10(files, split)
-    if info.name == "imagefolder":
-        assert image_size is not None
-        return _read_imagefolder(root, split, image_size)
-    if info.name == "mnist":
-        return _read_mnist(root, split)
-    raise AssertionError(info.name)  # pragma: no cover
+# ------------------------------------------------------------------ registry entries
+
+
+def _cifar10_files(d: Path, split: str) -> list[Path]:
+    return [d / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [d / "test_batch"]
+
+
+def _file_named_split(d: Path, split: str) -> list[Path]:
+    """``d/<split>``: CIFAR-100's pickle of the split, or an ImageFolder split's directory."""
+    return [d / split]
+
+
+def _stl10_files(d: Path, split: str) -> list[Path]:
+    if split == "unlabeled":
+        return [d / "unlabeled_X.bin"]
+    return [d / f"{split}_X.bin", d / f"{split}_y.bin"]
+
+
+def _mnist_files(d: Path, split: str) -> list[Path]:
+    # Each file uncompressed, or else NAME.gz when only that exists; the uncompressed name
+    # when neither does, so a missing file is reported under the name torchvision writes.
+    names = [f"{_MNIST_PREFIX[split]}-{kind}" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    return [d / f"{n}.gz" if not (d / n).is_file() and (d / f"{n}.gz").is_file() else d / n for n in names]
+
+
+def _download_cifar10(root: Path) -> None:
+    from torchvision.datasets import CIFAR10
+
+    CIFAR10(str(root), train=True, download=True)
+
+
+def _download_cifar100(root: Path) -> None:
+    from torchvision.datasets import CIFAR100
+
+    CIFAR100(str(root), train=True, download=True)
+
+
+def _download_stl10(root: Path) -> None:
+    from torchvision.datasets import STL10
+
+    STL10(str(root), split="train", download=True)
+
+
+def _download_mnist(root: Path) -> None:
+    """Both splits, and only when a file is missing (see :func:`download_dataset`)."""
+    from torchvision.datasets import MNIST
+
+    if any(not p.is_file() for p in expected_files("mnist", root, DATASETS["mnist"].splits)):
+        for train in (True, False):
+            MNIST(str(root), train=train, download=True)
+
+
+# The registry. An entry holds a dataset's static facts and its behaviour, the fields after
+# ``how_to_get`` (see DatasetInfo): split_files, check_split, read and download (None: not
+# downloadable), plus meta_files, paths_are_dirs, needs_root and repair where they apply. The
+# generic functions dispatch to these and never test a dataset's name, so adding a dataset is
+# adding an entry here and the functions it names.
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        num_classes=10,
+        image_size=32,
+        # Pixel statistics of the 50k training images (population std; the often
+        # quoted (0.2023, 0.1994, 0.2010) is not the pixel std).
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        splits=("train", "test"),
+        directory="cifar-10-batches-py",
+        how_to_get=(
+            "run `clusterlab data download cifar10 --data-root ROOT` on a machine with internet, "
+            "or copy the extracted cifar-10-python.tar.gz "
+            "(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) there"
+        ),
+        split_files=_cifar10_files,
+        meta_files=("batches.meta",),
+        check_split=_check_cifar_split,
+        read=lambda root, files, split, size: _read_cifar10(files),
+        download=_download_cifar10,
+        repair=("re-download CIFAR-10 (data.download=true, or `clusterlab data download cifar10 --data-root {root}`) "
+                "or restore the file from cifar-10-python.tar.gz"),
+    ),
+    "cifar100_20": DatasetInfo(
+        name="cifar100_20",
+        num_classes=20,
+        image_size=32,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        splits=("train", "test"),
+        directory="cifar-100-python",
+        how_to_get=(
+            "run `clusterlab data download cifar100_20 --data-root ROOT` on a machine with internet, "
+            "or copy the extracted cifar-100-python.tar.gz "
+            "(https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz) there"
+        ),
+        split_files=_file_named_split,
+        meta_files=("meta",),
+        check_split=_check_cifar_split,
+        read=lambda root, files, split, size: _read_cifar100_20(files[0]),
+        download=_download_cifar100,
+        repair=("re-download CIFAR-100 (data.download=true, or `clusterlab data download cifar100_20 "
+                "--data-root {root}`) or restore the file from cifar-100-python.tar.gz"),
+    ),
+    "stl10": DatasetInfo(
+        name="stl10",
+        num_classes=10,
+        image_size=96,
+        # None: computed from the 5k labelled train images at load time rather than
+        # hard-coding constants we cannot verify offline.
+        mean=None,
+        std=None,
+        splits=("train", "test", "unlabeled"),
+        directory="stl10_binary",
+        how_to_get=(
+            "run `clusterlab data download stl10 --data-root ROOT` on a machine with internet, "
+            "or copy the extracted stl10_binary.tar.gz "
+            "(http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz) there"
+        ),
+        split_files=_stl10_files,
+        check_split=lambda info, root, split: _stl10_sizes_and_labels(info, _split_files(info, root, split), split),
+        read=lambda root, files, split, size: _read_stl10(files, split),
+        download=_download_stl10,
+        repair=("re-download STL-10 (data.download=true, or `clusterlab data download stl10 --data-root {root}`) "
+                "or restore the file from stl10_binary.tar.gz"),
+    ),
+    "imagefolder": DatasetInfo(
+        name="imagefolder",
+        num_classes=None,  # number of class folders under ROOT/train
+        image_size=None,  # must be given explicitly
+        mean=None,
+        std=None,
+        splits=("train", "test"),
+        directory="",
+        how_to_get=(
+            "arrange your images as ROOT/train/<class>/<image> and ROOT/test/<class>/<image> "
+            "(test classes must be a subset of train classes)"
+        ),
+        split_files=_file_named_split,
+        paths_are_dirs=True,
+        check_split=lambda info, root, split: _check_imagefolder_split(root, split),
+        read=lambda root, files, split, size: _read_imagefolder(root, split, size),
+        download=None,
+        repair="replace it with an intact image or remove it from {root}",
+    ),
+    "digits": DatasetInfo(
+        name="digits",
+        num_classes=10,
+        # Native images are 8x8; they are served upscaled to 16x16 because
+        # random-resized crops of 8 px images leave too little to recognise.
+        image_size=16,
+        mean=None,
+        std=None,
+        splits=("train", "test"),
+        directory="",
+        how_to_get="bundled with scikit-learn (sklearn.datasets.load_digits); no files needed",
+        split_files=lambda d, split: [],
+        needs_root=False,
+        check_split=None,
+        read=lambda root, files, split, size: _read_digits(split),
+        download=None,
+    ),
+    "mnist": DatasetInfo(
+        name="mnist",
+        num_classes=10,
+        image_size=_MNIST_SIZE,
+        # Pixel statistics of the 60k training images (population std; tests/test_datasets.py
+        # recomputes them from the real files), the values commonly quoted for MNIST.
+        mean=(0.1307, 0.1307, 0.1307),
+        std=(0.3081, 0.3081, 0.3081),
+        splits=("train", "test"),
+        directory="MNIST/raw",
+        how_to_get=(
+            "set data.download=true (or run `clusterlab data download mnist --data-root ROOT`) on a machine with "
+            "internet, which downloads it with torchvision.datasets.MNIST into ROOT/MNIST/raw, or copy the four IDX "
+            "files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+            "t10k-labels-idx1-ubyte (http://yann.lecun.com/exdb/mnist/) into ROOT/MNIST/raw, each uncompressed or "
+            "gzipped as the same name + .gz"
+        ),
+        split_files=_mnist_files,
+        check_split=lambda info, root, split: _check_mnist_split(root, split),
+        read=lambda root, files, split, size: _read_mnist(root, split),
+        download=_download_mnist,
+        repair=("delete it and rerun with data.download=true (or `clusterlab data download mnist --data-root "
+                "{root}`), or replace it with the original file from http://yann.lecun.com/exdb/mnist/ "
+                "(uncompressed, or gzipped as the same name + .gz)"),
+    ),
+}
+
+
+def _read_raw(info: DatasetInfo, root: Path | None, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    files = [] if root is None else _split_files(info, root, split)
+    return info.read(root, files, split, image_size)
 
 
 def _resize(chunk: np.ndarray, size: int) -> np.ndarray:
@@ -984,22 +1044,11 @@ def download_dataset(name: str, data_root: str | Path) -> None:
     says to delete it and download again.
     """
     info = _info(name)
-    if info.name not in ("cifar10", "cifar100_20", "stl10", "mnist"):
+    if info.download is None:
         raise ValueError(f"dataset {name!r} cannot be downloaded: {info.how_to_get}")
-    from torchvision import datasets as tvd
-
     root = Path(data_root).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
-    if info.name == "cifar10":
-        tvd.CIFAR10(str(root), train=True, download=True)
-    elif info.name == "cifar100_20":
-        tvd.CIFAR100(str(root), train=True, download=True)
-    elif info.name == "mnist":
-        if any(not p.is_file() for p in expected_files(name, root, info.splits)):
-            for train in (True, False):
-                tvd.MNIST(str(root), train=train, download=True)
-    else:
-        tvd.STL10(str(root), split="train", download=True)
+    info.download(root)
     check_dataset(name, root, info.splits)
 
 
