@@ -283,15 +283,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clusterlab",
-        description="Deep clustering experiments (SimCLR, MIX'EM) on Ray, tracked in MLflow.",
-        epilog="Configs layer as: defaults < preset < YAML file < key=value overrides. "
-               "Bad input exits with code 2 before Ray starts.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train SimCLR then MIX'EM on the bundled digits through Ray Train, evaluate, "
                                     "log to MLflow",
                        description="End-to-end demo on scikit-learn's digits (1,797 real 8x8 images, 10 classes), "
@@ -303,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one experiment on Ray Train, evaluate it, log it to MLflow",
                        description="Train a method with Ray Train (DDP over resources.num_workers workers), "
                                    "checkpoint every epoch, evaluate the final checkpoint with K-means, and record "
@@ -313,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.set_defaults(func=cmd_train)
 
+
+def _add_sweep_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a Ray Tune sweep from a search-space YAML; one MLflow parent run per sweep",
                        description="Each trial is a Ray Train run of the base config with the searched values, "
                                    "evaluated with the K-means fan-out; trials are MLflow child runs of one parent "
@@ -331,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resolved base config and every trial, then exit (starts neither Ray nor MLflow)")
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_heatmap_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("heatmap", help="draw a sweep's loss-weight heatmap (MIX'EM supplementary Figs. 1-3)",
                        description="Reads the experiment's runs from MLflow; one panel per --facet value, cell = mean "
                                    "(and std) over repeated seeds, failed / missing cells marked. Writes PNG + CSV "
@@ -345,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="default $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db")
     p.set_defaults(func=cmd_heatmap)
 
+
+def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="cluster a run's / checkpoint's / features file's representations",
                        description="K-means with --n-init initialisations fanned out as Ray tasks (best inertia "
                                    "wins), Hungarian ACC / NMI / ARI, MIX'EM readings, linear probe and plots. "
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots-dir", help="also save the plots as PNG files here")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_reeval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reeval", help="re-evaluate every finished run of an experiment, as parallel Ray tasks",
                        description="One Ray task per run (GPU tasks when the cluster has GPUs): checkpoint -> "
                                    "features -> K-means fan-out. Metrics are logged to each run as "
@@ -373,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(p)
     p.set_defaults(func=cmd_reeval)
 
+
+def _add_report_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="reproduce a published table from finished runs; writes REPRODUCTIONS.md",
                        description="Reads the FINISHED runs of the experiments from MLflow and fills the paper "
                                    "table's rows: mean +- std (population) over seeds, per-seed values, seeds, wall "
@@ -387,11 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
     p.set_defaults(func=cmd_report)
 
+
+def _add_config_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="print the resolved, validated config as YAML",
                        description="Resolve defaults < preset < YAML < overrides, validate, and print the result.")
     _config_args(p)
     p.set_defaults(func=cmd_config)
 
+
+def _add_runs_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="maintain the tracking store: `runs reconcile` closes runs whose process died",
                        description="`reconcile` finds RUNNING runs whose owning process (host, pid and start time, "
                                    "tagged clusterlab.owner) is gone, and marks them FAILED with a failure_reason. "
@@ -403,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
     p.set_defaults(func=cmd_runs)
 
+
+def _add_ui_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on the configured tracking store",
                        description="Runs `mlflow ui` against the tracking URI clusterlab logs to.")
     p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
@@ -410,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
+
+def _add_data_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="check (or explicitly download) a dataset under --data-root",
                        description="`check` verifies every file a dataset needs and names any missing path; "
                                    "`download` fetches it with torchvision first (needs internet).")
@@ -417,6 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["cifar10", "cifar100_20", "stl10", "imagefolder", "digits", "mnist"])
     p.add_argument("--data-root", help="directory holding the dataset folders")
     p.set_defaults(func=cmd_data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clusterlab",
+        description="Deep clustering experiments (SimCLR, MIX'EM) on Ray, tracked in MLflow.",
+        epilog="Configs layer as: defaults < preset < YAML file < search space < key=value overrides. "
+               "Bad input exits with code 2 before Ray starts.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_demo_command, _add_train_command, _add_sweep_command, _add_heatmap_command,
+                        _add_evaluate_command, _add_reeval_command, _add_report_command, _add_config_command,
+                        _add_runs_command, _add_ui_command, _add_data_command):
+        add_command(sub)  # one function per command, in the order `clusterlab --help` lists them
     return parser
 
 
