@@ -34,6 +34,23 @@ def test_fanout_over_two_tasks_keeps_every_initialisation(ray_local):
     assert out["a"].accuracies[out["a"].best] == pytest.approx(1.0)  # well-separated blobs
 
 
+def test_fanout_tasks_ask_ray_for_the_memory_they_allocate(ray_local):
+    """So that Ray, not its OOM killer, limits how many run at once on a node (the 4608-d MNIST
+    features of iic_vgg4 had 72 tasks killed before)."""
+    from ray.util.state import list_tasks
+
+    from clusterlab.eval.kmeans import task_memory
+
+    x = np.random.default_rng(1).normal(size=(500, 7)).astype(np.float32)
+    kmeans_fanout({"memory-probe": x}, 5, n_init=3, tasks=2, progress=False)
+    asked = sorted({t.required_resources.get("memory") for t in list_tasks(  # a set: retried attempts repeat
+        address=ray_local.get_runtime_context().gcs_address, filters=[("func_or_class_name", "=", "_kmeans_task")],
+        detail=True, limit=10000)
+        if t.required_resources and t.required_resources.get("memory") in (task_memory(500, 7, 5, 1),
+                                                                            task_memory(500, 7, 5, 2))})
+    assert asked == [task_memory(500, 7, 5, 1), task_memory(500, 7, 5, 2)]
+
+
 def test_fanout_chunks_use_distinct_seeds(ray_local):
     x = np.random.default_rng(0).normal(size=(400, 6)).astype(np.float32)
     run = kmeans_fanout({"x": x}, 8, n_init=4, tasks=2, progress=False)["x"]

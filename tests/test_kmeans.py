@@ -68,3 +68,49 @@ def test_empty_cluster_is_relocated_not_nan():
 def test_rejects_bad_k(blobs, k, match):
     with pytest.raises(ValueError, match=match):
         batched_kmeans(blobs[0], k)
+
+
+def test_a_read_only_input_is_clustered_in_place_of_a_copy_and_never_written(blobs):
+    """Ray hands each K-means task the features zero-copy, read-only, from its object store: they
+    are clustered as they are (the centred copy is the task's only (N, D) allocation), with the
+    same result as a writable copy, and the caller's array is left unchanged."""
+    import warnings
+
+    x, _ = blobs
+    shared = x.copy()
+    shared.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" warning would mean a wrapped write risk
+        ours = batched_kmeans(shared, 6, n_init=3, seed=1)
+    reference = batched_kmeans(x.copy(), 6, n_init=3, seed=1)
+    np.testing.assert_array_equal(ours.labels, reference.labels)
+    assert ours.inertia == reference.inertia
+    np.testing.assert_array_equal(shared, x)
+
+
+@pytest.mark.parametrize("n, d, k, n_init", [(40000, 1024, 10, 2), (20000, 256, 50, 8), (60000, 64, 10, 10)])
+def test_the_memory_a_fanout_task_asks_ray_for_covers_what_it_allocates(n, d, k, n_init):
+    """Measured in a fresh single-threaded process: the peak RSS a batched_kmeans call adds on
+    read-only data (as a Ray task sees it) is within task_memory, and task_memory is not more
+    than twice that (it must not hold back tasks that would fit). glibc's mmap threshold is
+    fixed so that freed arrays leave RSS at once and the peak is the live allocations (with its
+    adaptive threshold the peak varies by a third from run to run)."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, numpy as np, psutil, torch
+from clusterlab.eval.kmeans import batched_kmeans, task_memory
+torch.set_num_threads(1)
+x = np.random.default_rng(0).standard_normal(({n}, {d}), dtype=np.float32)
+x.flags.writeable = False
+batched_kmeans(x[:500], 10, n_init=1, seed=0)  # kernels and allocator warmed up
+before = psutil.Process().memory_info().rss
+batched_kmeans(x, {k}, n_init={n_init}, seed=0, max_iter=5)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, task_memory({n}, {d}, {k}, {n_init}))
+"""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    used, asked = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                          check=True, env=env).stdout.split())
+    assert used <= asked <= 2 * used, (used, asked)

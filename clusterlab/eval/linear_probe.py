@@ -16,5 +16,8 @@ def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.n
     if len(np.unique(train_y[keep])) < 2:
         raise ValueError("the linear probe needs labelled training samples of at least two classes")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    probe.fit(train_x[keep], train_y[keep])
+    if keep.all():  # no unlabelled rows (STL-10's are): no (N, D) copy of the features
+        probe.fit(train_x, train_y)
+    else:
+        probe.fit(train_x[keep], train_y[keep])
     return float((probe.predict(test_x) == test_y).mean())

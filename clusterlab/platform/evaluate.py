@@ -211,7 +211,12 @@ def evaluate_checkpoint(
     pixels = None
     if ev.raw_pixels_baseline:
         pixels = test_images if ev.split == "test" else np.concatenate([train_images, test_images])
-    result = evaluate_features(split_features(ev.split, test, train), k or meta.num_classes,
+    features = split_features(ev.split, test, train)
+    if ev.split == "all":  # the splits become views of the concatenation, their own copies are freed
+        n_train = len(train["label"])
+        train = {name: values[:n_train] for name, values in features.items()}
+        test = {name: values[n_train:] for name, values in features.items()}
+    result = evaluate_features(features, k or meta.num_classes,
                                n_init=n_init or ev.kmeans_n_init, max_iter=ev.kmeans_max_iter,
                                seed=cfg.seed if seed is None else seed, tasks=tasks, device=device, train=train,
                                probe_test=test, num_classes=meta.num_classes, pixels=pixels, plots=plots,

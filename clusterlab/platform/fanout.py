@@ -2,7 +2,9 @@
 
 The n_init initialisations are split into chunks; each chunk is one Ray task running
 :func:`~clusterlab.eval.kmeans.batched_kmeans` (all of its initialisations as one batched
-computation). Each feature matrix is put in the object store once and shared by its tasks.
+computation). Each feature matrix is put in the object store once and shared, read-only and
+without copies, by its tasks; each task asks Ray for the memory it allocates besides
+(:func:`~clusterlab.eval.kmeans.task_memory`), so a node runs only as many as it holds.
 The best inertia wins; every initialisation's inertia (and ACC, when labels are given) is
 kept for the accuracy-vs-inertia view (MIX'EM Fig. 5).
 
@@ -18,7 +20,7 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from clusterlab.eval.kmeans import KMeansResult, batched_kmeans
+from clusterlab.eval.kmeans import KMeansResult, batched_kmeans, task_memory
 from clusterlab.eval.metrics import cluster_accuracy
 
 
@@ -90,12 +92,17 @@ def kmeans_fanout(
     options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
     options["scheduling_strategy"] = "DEFAULT"
     device = "cuda" if use_gpu else "cpu"
+    # Each task asks for the memory it will use (Ray then runs no more at once than a node
+    # holds), capped at the largest node's, where one task at a time still runs.
+    largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0)
     pending: dict[ray.ObjectRef, tuple[str, int]] = {}
     for name, x in variants.items():
         ref = ray.put(np.ascontiguousarray(x, dtype=np.float32))  # once per variant, shared by its tasks
         for chunk, size in enumerate(sizes):
+            memory = min(task_memory(*x.shape, k, size), int(largest)) if largest else None
             # Distinct seeds per chunk: the chunks must not repeat each other's initialisations.
-            task = _kmeans_task.options(**options).remote(ref, k, size, max_iter, tol, seed + 7919 * chunk, device)
+            task = _kmeans_task.options(**options, memory=memory).remote(ref, k, size, max_iter, tol,
+                                                                         seed + 7919 * chunk, device)
             pending[task] = (name, chunk)
     parts: dict[str, dict[int, KMeansResult]] = {name: {} for name in variants}
     with tqdm(total=len(pending), desc=f"K-means ({n_init} inits x {len(variants)} variants)", unit="task",
