@@ -83,8 +83,6 @@ def _ui_hint(cfg: ExperimentConfig) -> str:
     return f"mlflow ui --backend-store-uri {redact_uri(resolve_tracking_uri(cfg.tracking.uri))}   (or: clusterlab ui)"
 
 
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch, Ray and MLflow: a bad config answers at once
     if args.dry_run:

@@ -290,8 +290,6 @@ class PerformanceConfig(StrictModel):
         return device_type == "cuda" if value is None else value
 
 
-#: LSD-C main paper Sec. 4 (SGD, every dataset but Reuters) and supplementary Sec. 1: "we have
-#: to decrease the weight decay to 1e-4 to make MixUp work".
 #: ``optim.weight_decay`` when no layer sets it and the method's spec names none
 DEFAULT_WEIGHT_DECAY = 1e-6
 
@@ -702,10 +700,10 @@ def resolve_raw(
     """
     user: dict[str, Any] = read_yaml_file(path) if path else {}
     file_preset = user.pop("preset", None)
-    if preset is None and file_preset is not None:
-        preset = file_preset
-        if preset not in PRESETS:
-            raise ConfigError(f"{path}: preset: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    origin = "preset" if preset is not None else f"{path}: preset"  # where a named preset came from
+    preset = preset if preset is not None else file_preset
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"{origin}: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
     user = apply_overrides(user, dotted_overrides(fixed or {}))
     user = apply_overrides(user, overrides)
     if preset is None:
@@ -713,8 +711,6 @@ def resolve_raw(
         dataset = (user.get("data") or {}).get("name", DataConfig.model_fields["name"].default)
         candidate = f"{method}_{dataset}"
         preset = candidate if candidate in PRESETS else None
-    elif preset not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
     raw = deep_merge(PRESETS[preset], user) if preset else user
     layers = (f"preset {preset}" if preset else "", str(path or ""), "search space" if fixed else "",
               "overrides" if overrides else "")

@@ -16,7 +16,7 @@ in every process that may build it, e.g. from a ``sitecustomize`` (tests/test_me
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -63,14 +63,15 @@ class MethodSpec:
     check_config: Callable[[ExperimentConfig], None] | None = field(default=None, compare=False)
     #: ``optim.weight_decay`` when no layer sets it (None: config.DEFAULT_WEIGHT_DECAY)
     weight_decay: Callable[[ExperimentConfig], float] | None = field(default=None, compare=False)
-    #: the module whose import registers the torch implementation (``@register(name)``);
-    #: imported on first use, in whichever process builds the model. Default
-    #: ``clusterlab.trainers.<name>``; a method kept elsewhere names its own module.
-    module: str = ""
+    #: the module whose import registers the torch implementation (``@register(name)``), for a
+    #: method kept outside ``clusterlab/trainers/`` (see :attr:`implementation`)
+    module: str | None = None
 
-    def __post_init__(self) -> None:
-        if not self.module:
-            object.__setattr__(self, "module", f"clusterlab.trainers.{self.name}")
+    @property
+    def implementation(self) -> str:
+        """The module imported, on first use and in whichever process builds the model, to
+        register the method's torch implementation: ``module``, else ``clusterlab.trainers.<name>``."""
+        return self.module or f"clusterlab.trainers.{self.name}"
 
     def epoch_metrics(self) -> set[str]:
         """Every metric the training loop reports per epoch for this method (Tune can schedule on these)."""
@@ -78,8 +79,8 @@ class MethodSpec:
 
     def final_metrics(self) -> set[str]:
         """The scores the evaluation at the end of a run logs (a sweep can pick its best trial by these)."""
-        readings = [*COMMON_READINGS, *self.readings, PIXELS_READING]
-        return {f"{prefix}_{s}" for _, prefix in readings for s in SCORES} | set(self.extra_reading_metrics)
+        return ({f"{prefix}_{s}" for _, prefix in _table_rows(self.readings) for s in SCORES}
+                | set(self.extra_reading_metrics))
 
 
 SPECS: dict[str, MethodSpec] = {}
@@ -105,12 +106,19 @@ def result_rows(methods: list[str] | None = None) -> list[tuple[str, str]]:
     """The rows of a result table, (label, metric prefix): K-means, the readings of ``methods``
     (default: every method), then raw pixels."""
     specs = [spec_for(m) for m in methods] if methods is not None else list(SPECS.values())
-    extra = list(dict.fromkeys(r for spec in specs for r in spec.readings))
-    return [*COMMON_READINGS, *extra, PIXELS_READING]
+    return _table_rows(dict.fromkeys(r for spec in specs for r in spec.readings))
+
+
+def _table_rows(readings: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every evaluation's readings in table order: K-means on the representation, ``readings``,
+    K-means on the raw pixels."""
+    return [*COMMON_READINGS, *readings, PIXELS_READING]
 
 
 def lsdc_weight_decay(cfg: ExperimentConfig) -> float:
-    """LSD-C supplementary Sec. 1: 5e-4, and 1e-4 with MixUp as the composition."""
+    """5e-4 (LSD-C main paper Sec. 4: SGD, every dataset but Reuters), and 1e-4 with MixUp as the
+    composition (supplementary Sec. 1: "we have to decrease the weight decay to 1e-4 to make
+    MixUp work")."""
     return 1e-4 if cfg.lsdc.composition == "mixup" else 5e-4
 
 

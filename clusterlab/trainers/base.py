@@ -25,6 +25,7 @@ class DataMeta:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+
 M = TypeVar("M", bound=type["Method"])
 
 
@@ -57,7 +58,6 @@ class Method(nn.Module):
     def __init__(self, cfg: ExperimentConfig, data: DataMeta) -> None:
         super().__init__()
         self.cfg, self.data = cfg, data
-        self.num_classes, self.image_size = data.num_classes, data.image_size
         self.weights: dict[str, float] = {**self.spec.default_weights, **cfg.loss.weights}
 
     def set_progress(self, epoch: float) -> None:
@@ -94,5 +94,5 @@ class Method(nn.Module):
 def build_method(cfg: ExperimentConfig, data: DataMeta) -> Method:
     """The method ``cfg.method`` for ``data``; its implementation module is imported on first use."""
     if cfg.method not in METHODS:
-        importlib.import_module(spec_for(cfg.method).module)
+        importlib.import_module(spec_for(cfg.method).implementation)
     return METHODS[cfg.method](cfg, data)
