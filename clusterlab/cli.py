@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, load_config
 from clusterlab.methods import result_rows
+from clusterlab.platform.preflight import check_inputs
 from clusterlab.redact import redact_text, redact_uri
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
+    check_inputs(cfg)  # a wrong data.root or storage_path answers before torch, Ray and MLflow load too
     from clusterlab.platform.run import train
 
     result = train(cfg, address=args.address)
@@ -188,6 +190,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     plan = plan_sweep(args.space, overrides, args.name)  # before importing torch, Ray and MLflow
     if args.dry_run:
         return _print_sweep_plan(plan)
+    check_inputs(build_config(plan.base, "base"))
     from clusterlab.platform.sweep import run_sweep
 
     result = run_sweep(plan, address=args.address, resume=args.resume)

@@ -100,10 +100,14 @@ def test_sweep_dry_run_prints_the_resolved_base_and_every_trial(tracking_uri, tm
     (["train", "method=dec"], 2),
     (["train", "--preset", "lsdc_digits", "loss.weights.contrast=1"], 2),
     (["sweep", "search_spaces/mixem_loss_weights_digits.yaml", "loss.weights.push=0.5"], 2),
+    (["train", "--preset", "lsdc_mnist", "data.root=/nonexistent-clusterlab-data"], 2),
+    (["train", "storage_path=README.md"], 2),
+    (["sweep", "search_spaces/lsdc_mnist_seeds.yaml", "--data-root", "/nonexistent-clusterlab-data"], 2),
 ])
 def test_config_answers_and_bad_configs_import_neither_torch_ray_nor_mlflow(argv, code):
     """What needs none of them answers without their import time (measured: 0.2 s instead of
-    2-4 s on 2 cores)."""
+    2-4 s on 2 cores); a wrong dataset path or storage_path too (4.5 s before
+    ``platform/preflight.py``)."""
     script = (f"import sys; from clusterlab import cli; code = cli.main({argv!r}); "
               "print(code, sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

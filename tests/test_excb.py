@@ -201,7 +201,7 @@ def test_kmeans_centroid_init_needs_k_images():
 
 def test_too_many_clusters_for_the_kmeans_init_are_refused_before_training():
     from clusterlab.config import ConfigError
-    from clusterlab.platform.train import preflight
+    from clusterlab.platform.preflight import preflight
 
     with pytest.raises(ConfigError, match="excb.num_clusters: .* at least K = 2000"):
         preflight(load_config(None, ["excb.num_clusters=2000"], preset="excb_digits"))

@@ -27,13 +27,12 @@ from typing import Any
 from clusterlab.config import ConfigError, ExperimentConfig
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.interrupts import as_interrupted
+from clusterlab.platform.preflight import dataset_need, preflight
 from clusterlab.platform.train import (
     TrainingFailed,
     TrainResult,
     check_cluster_resources,
-    dataset_need,
     init_ray,
-    preflight,
     resolve_init_from,
     run_trainer,
     storage_dir,
@@ -55,7 +54,7 @@ class CheckedConfig:
 
 def check(cfg: ExperimentConfig) -> CheckedConfig:
     """Everything that can be checked before Ray starts: storage, data files and sizes, the
-    method's data checks (:func:`~clusterlab.platform.train.preflight`), the tracking store,
+    method's data checks (:func:`~clusterlab.platform.preflight.preflight`), the tracking store,
     and ``init_from`` (downloaded and loaded; its backbone must match)."""
     preflight(cfg)
     client = tracking.client_for(cfg)

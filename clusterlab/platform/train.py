@@ -1,7 +1,7 @@
 """The Ray Train side of a run, and the checks before it (the lifecycle is ``platform/run.py``).
 
-- :func:`preflight`, :func:`resolve_init_from`: config and data checked before Ray starts
-  (bad input never costs a cluster); :func:`init_ray`, :func:`check_cluster_resources`;
+- :func:`resolve_init_from`: ``init_from`` found and checked before Ray starts (the data and
+  storage checks are ``platform/preflight.py``); :func:`init_ray`, :func:`check_cluster_resources`;
 - :func:`run_trainer`: a ``TorchTrainer`` runs :func:`clusterlab.platform.loop.fit` on N workers
   (gloo on CPU, NCCL on GPU) through :func:`train_loop_per_worker`; rank 0 logs each epoch to
   MLflow (:class:`RaySession`) and hands Ray the epoch's checkpoint.
@@ -28,10 +28,8 @@ from typing import Any
 import torch
 
 from clusterlab.config import ConfigError, ExperimentConfig, build_config
-from clusterlab.data.datasets import DatasetNotFoundError, build_splits, check_dataset, download_dataset
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.interrupts import Interrupted, call_off_main_thread, reclaim_signals
-from clusterlab.methods import spec_for
 from clusterlab.platform.loop import PermanentTrainingError, fit
 from clusterlab.redact import redact_text, redact_values
 from clusterlab.trainers.checkpoint import read_checkpoint, read_history
@@ -40,9 +38,6 @@ from clusterlab.trainers.checkpoint import read_checkpoint, read_history
 METRICS_FLUSH_TIMEOUT_S = 900.0
 ATTEMPTS_TAG = "clusterlab.train_attempts"
 RESUMED_TAG = "clusterlab.resumed_from_epoch"
-
-PROTOCOL_SPLITS = {"train": ("train", "test"), "train+test": ("train", "test"),
-                   "train+unlabeled": ("train", "unlabeled", "test")}
 
 
 class TrainingFailed(RuntimeError):
@@ -159,53 +154,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             pass
         raise
     session.close(METRICS_FLUSH_TIMEOUT_S)
-
-
-def dataset_need(cfg: ExperimentConfig) -> cluster.DatasetNeed:
-    """What every node of a cluster must hold for ``cfg`` (checked there by check_cluster)."""
-    return cfg.data.name, cfg.data.root, PROTOCOL_SPLITS[cfg.data.protocol]
-
-
-def check_local_storage(storage_path: str | None) -> None:
-    """A local ``storage_path`` must be a writable directory, or creatable in a writable one;
-    checked without creating anything (URIs are checked by Ray when it writes)."""
-    location = cluster.storage_location(storage_path)
-    path = cluster.local_path(location)
-    if path is None:
-        return
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"storage_path: {existing} is a file, not a directory; pass a directory for checkpoints")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"storage_path: {existing} is not writable by this user; pass a directory you can write "
-                          "(checkpoints and results go there)")
-
-
-def preflight(cfg: ExperimentConfig) -> dict[str, int]:
-    """Check storage, data and sizes before anything expensive starts; raise ConfigError naming the field."""
-    check_local_storage(cfg.storage_path)
-    splits_needed = PROTOCOL_SPLITS[cfg.data.protocol]
-    try:
-        if cfg.data.download:
-            download_dataset(cfg.data.name, cfg.data.root)
-        check_dataset(cfg.data.name, cfg.data.root, splits_needed)
-    except DatasetNotFoundError as exc:
-        raise ConfigError(f"data.root: {exc}") from None
-    splits = build_splits(cfg.data.name, cfg.data.root, cfg.data.protocol, cfg.data.val_fraction,
-                          cfg.seed, cfg.data.image_size, cfg.data.limit)
-    sizes = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
-             "num_classes": splits.num_classes}
-    if cfg.batch_size > sizes["train"]:
-        raise ConfigError(
-            f"batch_size: {cfg.batch_size} is larger than the training set ({sizes['train']} images of "
-            f"{cfg.data.name} under protocol {cfg.data.protocol!r}); use batch_size <= {sizes['train']}"
-        )
-    if sizes["num_classes"] > sizes["test"]:
-        raise ConfigError(f"data: {sizes['num_classes']} clusters cannot be formed from {sizes['test']} test images")
-    check_data = spec_for(cfg.method).check_data
-    if check_data is not None:
-        check_data(cfg, sizes)
-    return sizes
 
 
 def resolve_init_from(client: tracking.MlflowClient, cfg: ExperimentConfig, storage: Path) -> Path:
