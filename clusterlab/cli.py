@@ -7,30 +7,61 @@ SIGINT (Ctrl+C), 143 by SIGTERM (``clusterlab.platform.interrupts``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
 from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, load_config
-from clusterlab.methods import result_rows
+from clusterlab import __version__
+from clusterlab.data.datasets import DATASETS
+from clusterlab.methods import SPECS, result_rows
 from clusterlab.platform.preflight import check_inputs
 from clusterlab.redact import redact_text, redact_uri
 
 if TYPE_CHECKING:
     from clusterlab.search_space import SweepPlan
 
+ADDRESS_HELP = ("Ray cluster to join, e.g. auto or ray://head:10001 (default: $RAY_ADDRESS, which a Ray job sets "
+                "to its cluster; without it a private local Ray; `local` forces a private one)")
 OVERRIDES_HELP = "dotted key=value overrides, e.g. optim.lr=3e-4 data.name=cifar10 epochs=50"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML file (optional)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a paper preset (default: <method>_<dataset>)")
-    p.add_argument("--data-root", help="directory holding the datasets (sets data.root)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a paper preset (default: <method>_<dataset>; "
+                                                             "the override preset=NAME is the same)")
     p.add_argument("--run-name", help="Ray Train / MLflow run name; repeating it resumes that run")
+    _run_args(p, experiment_help="MLflow experiment (sets tracking.experiment; default clusterlab)")
+
+
+def _run_args(p: argparse.ArgumentParser, experiment_help: str) -> None:
+    """The options ``train`` and ``sweep`` share; each sets a config key (overrides spelled out)."""
+    p.add_argument("--experiment", help=experiment_help)
+    p.add_argument("--data-root", help="directory holding the datasets (sets data.root)")
     p.add_argument("--init-from", metavar="CHECKPOINT_OR_RUN_ID",
                    help="initialise the backbone from a checkpoint directory or an MLflow run's checkpoint "
-                        "(MIX'EM stage 2); recorded as the run's init_from tag")
+                        "(MIX'EM stage 2; sets init_from); recorded as the run's init_from tag")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (sets tracking.uri; default: "
+                                          "$CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tag of your own on the run (every run of a sweep), repeatable (sets tracking.tags)")
+    p.add_argument("--note", help="the run's description in the MLflow UI (sets tracking.note)")
+
+
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    """``_run_args``' options as the overrides they stand for (after the user's own, so they win)."""
+    out = [f"{key}={json.dumps(value)}" for key, value in (
+        ("data.root", args.data_root), ("init_from", args.init_from), ("tracking.uri", args.tracking_uri),
+        ("tracking.note", args.note)) if value is not None]
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "." in key:
+            raise ConfigError(f"--tag {item!r}: write KEY=VALUE with a KEY without '.' (a dotted tag name goes in a "
+                              "YAML file's tracking.tags)")
+        out.append(f"tracking.tags.{key}={json.dumps(value)}")
+    return out
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -41,19 +72,17 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="where K-means and feature extraction run (default: GPUs when the cluster has any)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots (t-SNE takes a while on large splits)")
     p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
-    p.add_argument("--address", help="Ray cluster address, e.g. auto (default: start a local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:  # no YAML given: the first positional is an override
         config, overrides = None, [config, *overrides]
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
-    if args.run_name:
-        overrides.append(f"run_name={args.run_name}")
-    if args.init_from:
-        overrides.append(f"init_from={args.init_from}")
+    overrides += _run_overrides(args)
+    for key, value in (("run_name", args.run_name), ("tracking.experiment", args.experiment)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
     return load_config(config, overrides, preset=args.preset)
 
 
@@ -186,8 +215,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from clusterlab.search_space import plan_sweep
 
-    overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
-    plan = plan_sweep(args.space, overrides, args.name)  # before importing torch, Ray and MLflow
+    plan = plan_sweep(args.space, [*args.overrides, *_run_overrides(args)], args.experiment)  # before torch, Ray, MLflow
     if args.dry_run:
         return _print_sweep_plan(plan)
     check_inputs(build_config(plan.base, "base"))
@@ -273,10 +301,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from clusterlab.data.datasets import DATASETS, check_dataset, download_dataset
+    from clusterlab.data.datasets import check_dataset, download_dataset
 
     info = DATASETS[args.name]
     if args.action == "download":
+        if info.download is None:
+            raise ConfigError(f"data download {args.name}: {args.name} is not downloaded by clusterlab; "
+                              f"{info.how_to_get}")
         download_dataset(args.name, args.data_root)
     check_dataset(args.name, args.data_root, info.splits)
     print(f"{args.name}: all files present and intact (sizes, headers, label ranges, images) under "
@@ -293,7 +324,7 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
                                    "side by side, with K-means on raw pixels as the baseline.")
     p.add_argument("--epochs", type=int, help="base-encoder epochs (default: the simclr_digits preset's)")
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs for the training worker")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.set_defaults(func=cmd_demo)
 
 
@@ -304,7 +335,7 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
                                    "params, per-epoch metrics, final metrics and artifacts in one MLflow run. "
                                    "Re-running with the same --run-name resumes from the latest checkpoint.")
     _config_args(p)
-    p.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.set_defaults(func=cmd_train)
 
@@ -318,12 +349,14 @@ def _add_sweep_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("space", help="search-space YAML, e.g. search_spaces/mixem_loss_weights_digits.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the base config, e.g. "
                    "init_from=RUN_ID epochs=50")
-    p.add_argument("--name", help="sweep name = MLflow experiment (default: the space's name, else its file name)")
-    p.add_argument("--resume", action="store_true",
+    _run_args(p, experiment_help="the sweep's name = its MLflow experiment (default: the space's name:, else its "
+                                 "file name)")
+    p.add_argument("--name", dest="experiment", help=argparse.SUPPRESS)  # the old spelling of --experiment
+    p.add_argument("--resume", nargs="?", const="yes", metavar="auto",
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones resume from their "
-                        "checkpoints")
-    p.add_argument("--data-root", help="directory holding the datasets (sets data.root)")
-    p.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: local Ray)")
+                        "checkpoints; `--resume auto` continues the sweep if it exists, else starts it (for a job "
+                        "that is retried, e.g. a KubeRay RayJob)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved base config and every trial, then exit (starts neither Ray nor MLflow)")
     p.set_defaults(func=cmd_sweep)
@@ -427,7 +460,8 @@ def _add_data_command(sub: argparse._SubParsersAction) -> None:
                        description="`check` verifies every file a dataset needs and names any missing path; "
                                    "`download` fetches it with torchvision first (needs internet).")
     p.add_argument("action", choices=["check", "download"])
-    p.add_argument("name", choices=["cifar10", "cifar100_20", "stl10", "imagefolder", "digits", "mnist"])
+    p.add_argument("name", choices=sorted(DATASETS), help="the dataset (`download` takes cifar10, cifar100_20, "
+                                                          "stl10 and mnist; digits is bundled, imagefolder is yours)")
     p.add_argument("--data-root", help="directory holding the dataset folders")
     p.set_defaults(func=cmd_data)
 
@@ -435,10 +469,11 @@ def _add_data_command(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clusterlab",
-        description="Deep clustering experiments (SimCLR, MIX'EM) on Ray, tracked in MLflow.",
+        description=f"Deep clustering experiments (method={' | '.join(SPECS)}) on Ray, tracked in MLflow.",
         epilog="Configs layer as: defaults < preset < YAML file < search space < key=value overrides. "
                "Bad input exits with code 2 before Ray starts.",
     )
+    parser.add_argument("--version", action="version", version=f"clusterlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (_add_demo_command, _add_train_command, _add_sweep_command, _add_heatmap_command,
                         _add_evaluate_command, _add_reeval_command, _add_report_command, _add_config_command,
@@ -459,6 +494,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         extra = [a for a in extra if a not in late]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    resume = getattr(args, "resume", None)
+    if resume is not None and "=" in resume:  # `--resume epochs=2`: the override after a bare --resume
+        args.overrides, args.resume = [*args.overrides, resume], "yes"
+    elif resume not in (None, "yes", "auto"):
+        parser.error(f"argument --resume: {resume!r} is not `auto`; write --resume (continue the sweep) or "
+                     "--resume auto (continue it if it exists, else start it)")
     return args
 
 

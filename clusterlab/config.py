@@ -240,11 +240,44 @@ class EvalConfig(StrictModel):
     raw_pixels_baseline: bool = Field(True, description="also cluster raw pixels for comparison")
 
 
+# Tag namespaces the platform writes itself (MLflow's standard tags, clusterlab's bookkeeping).
+RESERVED_TAG_PREFIXES = ("mlflow.", "clusterlab.")
+MAX_TAG_KEY = 250  # MLflow's limits on tag keys and values
+MAX_TAG_VALUE = 8000
+
+
 class TrackingConfig(StrictModel):
     uri: str | None = Field(
         None, description="MLflow tracking URI; None = $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd"
     )
-    experiment: str = Field("clusterlab", min_length=1)
+    experiment: str = Field("clusterlab", min_length=1, description="MLflow experiment (--experiment)")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="your own tags on the run (and a sweep's runs), e.g. {team: vision} "
+        "(--tag team=vision); searchable in the UI as tags.team")
+    note: str | None = Field(None, max_length=MAX_TAG_VALUE,
+                             description="the run's description, shown on its MLflow page (--note)")
+    system_metrics: bool = Field(
+        True, description="log CPU / GPU utilisation and memory of every training worker's node as "
+        "system/<node>/... metrics (MLflow's system-metrics monitor; GPUs through nvidia-ml-py)")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system-metric samples")
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_values_as_text(cls, v: Any) -> Any:
+        """YAML reads ``version: 2`` as a number; a tag is text."""
+        return {str(k): str(val) for k, val in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("tags")
+    @classmethod
+    def _own_tags(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not key.strip() or key.startswith(RESERVED_TAG_PREFIXES):
+                raise ValueError(f"tag {key!r}: give a non-empty name outside {', '.join(RESERVED_TAG_PREFIXES)} "
+                                 "(clusterlab and MLflow write those themselves)")
+            if len(key) > MAX_TAG_KEY or len(value) > MAX_TAG_VALUE:
+                raise ValueError(f"tag {key!r}: names take at most {MAX_TAG_KEY} characters and values "
+                                 f"{MAX_TAG_VALUE} (MLflow's limits)")
+        return v
 
 
 class ResourcesConfig(StrictModel):
@@ -694,18 +727,22 @@ def resolve_raw(
     line). A sweep's searched values come after all of these; the command line may not name a
     searched key (:func:`clusterlab.search_space.load_search_space` refuses it).
 
-    The preset is, in order: the ``preset`` argument, a ``preset:`` key in the YAML file, or
+    The preset is, in order: the ``preset`` argument (``--preset``) or a ``preset=NAME``
+    override (both the command line; they must agree), a ``preset:`` key in the YAML file, or
     ``<method>_<dataset>`` when such a preset exists for the method and dataset the layers above
     it ask for. Returns the raw mapping (unvalidated) and a label naming its sources.
     """
     user: dict[str, Any] = read_yaml_file(path) if path else {}
-    file_preset = user.pop("preset", None)
-    origin = "preset" if preset is not None else f"{path}: preset"  # where a named preset came from
-    preset = preset if preset is not None else file_preset
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"{origin}: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    named = {f"{path}: preset": user.pop("preset", None)}
     user = apply_overrides(user, dotted_overrides(fixed or {}))
     user = apply_overrides(user, overrides)
+    named = {"preset": preset, "override preset": user.pop("preset", None), **named}
+    if None not in (named["preset"], named["override preset"]) and named["preset"] != named["override preset"]:
+        raise ConfigError(f"preset: --preset {preset} and the override preset={named['override preset']} disagree; "
+                          "give one of them")
+    origin, preset = next(((where, name) for where, name in named.items() if name is not None), ("", None))
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"{origin}: unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
     if preset is None:
         method = user.get("method", ExperimentConfig.model_fields["method"].default)
         dataset = (user.get("data") or {}).get("name", DataConfig.model_fields["name"].default)
@@ -743,5 +780,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
             flat[prefix] = redact_uri(str(value))
 
     others = {spec.config_section for spec in SPECS.values() if spec.name != cfg.method}
-    walk("", {k: v for k, v in cfg.model_dump(mode="json").items() if k not in others})
+    # Tags and the note are the run's tags, not params: they may change when a run resumes.
+    dumped = cfg.model_dump(mode="json", exclude={"tracking": {"tags", "note"}})
+    walk("", {k: v for k, v in dumped.items() if k not in others})
     return flat

@@ -233,12 +233,12 @@ class SweepPlan:
     def resume_command(self) -> str:
         """The command that continues this sweep after an interruption."""
         named = self.name != (self.space.name or Path(self.path).stem)
-        return f"clusterlab sweep {self.path} --resume" + (f" --name {self.name}" if named else "")
+        return f"clusterlab sweep {self.path} --resume" + (f" --experiment {self.name}" if named else "")
 
 
 def plan_sweep(path: str | Path, overrides: Sequence[str] = (), name: str | None = None) -> SweepPlan:
     """Load and validate the search space, resolve its base, and name the sweep: ``name``
-    (``--name``), else the space's ``name:``, else the file's stem; refused where it would break
+    (``--experiment``), else the space's ``name:``, else the file's stem; refused where it would break
     MLflow filters or storage paths."""
     space, base, text = load_search_space(path, overrides)
     name = name or space.name or Path(path).stem

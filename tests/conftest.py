@@ -9,6 +9,10 @@ import pytest
 # The hooks that write RELIABILITY.md from the tests marked `reliability` (see that module).
 from reliability_report import pytest_configure, pytest_runtest_makereport, pytest_sessionfinish  # noqa: F401
 
+# clusterlab joins the cluster in $RAY_ADDRESS (Ray's convention): the tests, and the commands
+# they start, must never attach to a cluster the shell running them happens to name.
+os.environ.pop("RAY_ADDRESS", None)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

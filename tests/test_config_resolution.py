@@ -113,3 +113,12 @@ def test_config_answers_and_bad_configs_import_neither_torch_ray_nor_mlflow(argv
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.splitlines()[-1] == f"{code} []"
+
+
+def test_a_preset_override_is_the_preset_flag_and_the_two_must_agree():
+    assert load_config(None, ["preset=lsdc_digits"]) == load_config(None, [], preset="lsdc_digits")
+    assert load_config(None, ["preset=lsdc_digits"], preset="lsdc_digits").method == "lsdc"
+    with pytest.raises(ConfigError, match="--preset simclr_digits and the override preset=lsdc_digits disagree"):
+        load_config(None, ["preset=lsdc_digits"], preset="simclr_digits")
+    with pytest.raises(ConfigError, match="override preset: unknown preset 'nope'"):
+        load_config(None, ["preset=nope"])

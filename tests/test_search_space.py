@@ -111,7 +111,7 @@ def test_default_concurrency_fits_driver_plus_workers_in_the_cluster(tmp_path):
 
 @pytest.mark.parametrize("name", ["it's", "../up", ".hidden", "a b"])
 def test_sweep_names_that_would_break_filters_or_paths_are_refused(name, tracking_uri, capsys):
-    assert cli.main(["sweep", "search_spaces/mixem_loss_weights_digits.yaml", "--name", name]) == 2
+    assert cli.main(["sweep", "search_spaces/mixem_loss_weights_digits.yaml", "--experiment", name]) == 2
     assert f"sweep name {name!r}: use letters, digits" in capsys.readouterr().err
 
 

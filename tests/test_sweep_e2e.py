@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -151,10 +152,11 @@ def test_grid_sweep_interrupted_killed_and_resumed(ray_local, tmp_path, capsys):
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("process died: owner ")
 
-    # 4. Resume to the end.
-    last = _sweep(tmp_path, env, "--resume")
+    # 4. Resume to the end, as a retried job would: `--resume auto` finds the sweep and continues it.
+    last = _sweep(tmp_path, env, "--resume", "auto")
     out = last.communicate(timeout=900)[0]
     assert last.returncode == 0, out[-3000:]
+    assert f"--resume auto: sweep '{NAME}' exists; continuing it" in out
     assert "best trial" in out and "heatmap" in out and "4 trials, 2 failed" in out
 
     runs = _runs(client)
@@ -165,6 +167,15 @@ def test_grid_sweep_interrupted_killed_and_resumed(ray_local, tmp_path, capsys):
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.metrics["failed_trials"] == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent_id}
+    # The UI names each trial by its searched values; the standard tags fill its Source column.
+    for child in children:
+        shown = re.fullmatch(r"push=(\S+) pull=(\S+) \[(\w+)\]", child.info.run_name)
+        assert shown, child.info.run_name
+        assert [float(shown[1]), float(shown[2])] == [float(child.data.params[f"loss.weights.{k}"])
+                                                      for k in ("push", "pull")]
+        assert shown[3] == child.data.tags["clusterlab.trial_id"]
+        assert child.data.tags["mlflow.source.name"] == "clusterlab sweep"
+    assert parent.data.tags["mlflow.source.name"] == "clusterlab sweep" and "mlflow.user" in parent.data.tags
     grid = Counter((c.data.params["loss.weights.push"], c.data.params["loss.weights.pull"]) for c in children)
     assert grid == Counter({("0.0", "0.0"): 1, ("0.0", NAN_WEIGHT): 1, ("0.1", "0.0"): 1, ("0.1", NAN_WEIGHT): 1})
     for run_id, val_loss in finished.items():  # finished before the kill: not re-run, nothing added

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import uuid
 
@@ -18,7 +19,8 @@ def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, caps
     code = cli.main([
         "train", "--preset", "simclr_digits", "epochs=2", "batch_size=128", "eval.kmeans_n_init=3",
         "optim.warmup_epochs=0", "model.cnn_width=8",
-        f"storage_path={tmp_path / 'ray'}", "tracking.experiment=e2e", "--run-name", run_name,
+        f"storage_path={tmp_path / 'ray'}", "--experiment", "e2e", "--run-name", run_name,
+        "--tag", "team=vision", "--note", "two epochs, **narrow** CNN", "tracking.system_metrics_interval_s=1",
     ])
     assert code == 0
     assert "K-means, L2-normalised representations" in capsys.readouterr().out
@@ -29,6 +31,16 @@ def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, caps
     assert run.info.status == "FINISHED" and run.info.run_name == run_name
     assert run.data.tags["method"] == "simclr" and run.data.tags["dataset"] == "digits"
     assert run.data.tags["protocol"] == "train+test" and run.data.tags["git_commit"]
+    # MLflow's standard tags fill the UI's User / Source / Version columns; the user's own tags.
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "clusterlab train" and tags["mlflow.user"] == getpass.getuser()
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"] != "unknown"
+    assert tags["team"] == "vision" and tags["mlflow.note.content"] == "two epochs, **narrow** CNN"
+    assert not {k for k in run.data.params if k.startswith(("tracking.tags", "tracking.note"))}
+    # System metrics of the worker's node, sampled every second while it trained.
+    node = f"{tags['clusterlab.node_ip']}-{tags['clusterlab.node_id'][:6]}"
+    assert {f"system/{node}/cpu_utilization_percentage", f"system/{node}/system_memory_usage_megabytes"} <= set(
+        run.data.metrics), sorted(k for k in run.data.metrics if k.startswith("system/"))
     assert run.data.params["optim.lr"] == "0.002" and run.data.params["epochs"] == "2"
     for key in ("train_loss", "train_loss_contrast", "val_loss", "lr", "images_per_second"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key

@@ -138,12 +138,14 @@ def _alive_nodes(dashboard: str) -> list[dict]:
 
 def _submit(dashboard: str, tracking_uri: str, command: list[str], work: Path, timeout: float,
             submission_id: str | None = None) -> subprocess.CompletedProcess:
-    """`ray job submit` of `clusterlab <command>`; with ``submission_id`` it returns once submitted."""
+    """`ray job submit` of `clusterlab <command>`; with ``submission_id`` it returns once submitted.
+    No ``--address``: the job must find its cluster through the RAY_ADDRESS Ray gives it (were it
+    ignored, the sweep would train on a private Ray on one node and the node checks would fail)."""
     runtime_env = {"env_vars": {"CLUSTERLAB_TRACKING_URI": tracking_uri}}
     no_wait = ["--no-wait", "--submission-id", submission_id] if submission_id else []
     return subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--runtime-env-json", json.dumps(runtime_env),
-         *no_wait, "--", sys.executable, "-m", "clusterlab.cli", *command, "--address", "auto"],
+         *no_wait, "--", sys.executable, "-m", "clusterlab.cli", *command],
         cwd=work, capture_output=True, text=True, timeout=timeout, env=RAY_ENV)
 
 
@@ -207,13 +209,15 @@ def test_sweep_on_two_node_cluster_via_ray_job_submit_logs_every_trial_to_mlflow
                         tmp_path, 120, "sqlite-refused")
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
 
-    # The sweep itself: storage on a path both nodes see (one machine), MLflow on the server.
-    done = _submit(dashboard, tracking_uri, ["sweep", str(space), f"storage_path={tmp_path / 'ray'}"], tmp_path,
-                   timeout=480)
+    # The sweep itself: storage on a path both nodes see (one machine), MLflow on the server;
+    # submitted as a retried RayJob submits it, with --resume auto (a new sweep: started).
+    done = _submit(dashboard, tracking_uri, ["sweep", str(space), f"storage_path={tmp_path / 'ray'}", "--resume",
+                                             "auto"], tmp_path, timeout=480)
     (tmp_path / "sweep-job.log").write_text(done.stdout + done.stderr)
     _stage(t0, "sweep job done")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "succeeded" in done.stdout + done.stderr
+    assert f"--resume auto: sweep '{SWEEP}' is new; starting it" in done.stdout + done.stderr
 
     status, logs = _finished_job(dashboard, "sqlite-refused", 120)
     assert status == "FAILED" and "exit code 2" in _dashboard_get(dashboard, "/api/jobs/sqlite-refused")[

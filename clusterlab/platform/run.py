@@ -92,11 +92,13 @@ class RunContext:
 
 
 def open_run(cfg: ExperimentConfig, client: tracking.MlflowClient, tracking_uri: str,
-             tags: dict[str, str] | None = None) -> tuple[RunContext, bool]:
+             tags: dict[str, str] | None = None, display_name: str | None = None) -> tuple[RunContext, bool]:
     """Create the MLflow run of ``cfg.run_name``, or reopen the one an interrupted attempt left
-    -> (context, resumed). A run name whose run finished, or another live process owns, is refused."""
+    -> (context, resumed). A run name whose run finished, or another live process owns, is refused.
+    ``display_name``: what the MLflow UI calls the run, when not its run name (a trial's values)."""
     try:
-        run_id, resumed = tracking.start_run(client, cfg, str(cfg.run_name), extra_tags=tags)
+        run_id, resumed = tracking.start_run(client, cfg, str(cfg.run_name), extra_tags=tags,
+                                             display_name=display_name)
     except ValueError as exc:
         raise ConfigError(f"run_name: {exc}") from None
     return RunContext(cfg, run_id, tracking_uri, client), resumed

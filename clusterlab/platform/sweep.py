@@ -78,12 +78,23 @@ def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             # A resumed sweep does not repeat a failure that the same settings would repeat.
             raise TrainingFailed(category, f"not retried: {reason}", permanent=True)
     ctx, _ = open_run(cfg, client, sweep["tracking_uri"], tags={
-        PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["name"], TRIAL_TAG: trial_id,
-        **({"init_from": sweep["init_from"]} if sweep.get("init_from") else {})})
+        PARENT_TAG: sweep["parent_run_id"], SWEEP_TAG: sweep["name"], TRIAL_TAG: trial_id, **sweep["source_tags"],
+        **({"init_from": sweep["init_from"]} if sweep.get("init_from") else {})},
+        display_name=trial_display_name(config["params"], trial_id))
     # The run ends with execute, FINISHED only after the metrics reached Tune. A trial the
     # scheduler stops (its actor torn down mid-call) leaves the run open for _settle_trials to
     # close from Tune's own record of what happened.
     execute(ctx, progress=False, callbacks=[TuneReportCallback()], report=ray.tune.report)
+
+
+def trial_display_name(params: dict[str, Any], trial_id: str) -> str:
+    """A trial's name in the MLflow UI: its searched values, short keys where they are unique,
+    then the trial id (``push=0.1 pull=0.5 [a1b2c_00003]``); numbers to 4 significant digits."""
+    short = {key: key.rsplit(".", 1)[-1] for key in params}
+    if len(set(short.values())) < len(short):
+        short = {key: key for key in params}
+    values = " ".join(f"{short[k]}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in params.items())
+    return f"{values} [{trial_id}]" if values else trial_id
 
 
 def _child_runs(client: tracking.MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
@@ -154,9 +165,10 @@ def heatmap_metric(method: str) -> str:
     return spec_for(method).headline_metric
 
 
-def run_sweep(plan: SweepPlan, address: str | None = None, resume: bool = False) -> SweepResult:
+def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = None) -> SweepResult:
     """Run (or resume) a validated sweep (:func:`~clusterlab.search_space.plan_sweep`) on Ray
-    Tune, record it in MLflow."""
+    Tune, record it in MLflow. ``resume``: None starts a new sweep (refused if the name exists),
+    ``"yes"`` continues an interrupted one, ``"auto"`` continues it if it exists, else starts it."""
     space, text, name = plan.space, plan.text, plan.name
     base = copy.deepcopy(plan.base)
     base["storage_path"] = storage_uri(ExperimentConfig.model_validate(base))  # absolute: trials run elsewhere
@@ -171,19 +183,25 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: bool = False)
     import ray.tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    if resume == "auto":
+        resume = "yes" if parent is not None or cluster.exists(tune_dir) else None
+        print(f"--resume auto: sweep {name!r} " + ("exists; continuing it" if resume else "is new; starting it"),
+              flush=True)
     if resume:
         if parent is None or not ray.tune.Tuner.can_restore(tune_dir):
             raise ConfigError(f"--resume: no interrupted sweep named {name!r} (MLflow experiment {name!r}, Tune "
                               f"directory {tune_dir}); drop --resume to start it")
     elif parent is not None or cluster.exists(tune_dir):
-        raise ConfigError(f"--name: a sweep named {name!r} already exists (MLflow experiment {name!r} / {tune_dir}); "
-                          "its results are kept: pass --resume to continue it, or --name to start a new one")
+        raise ConfigError(f"--experiment: a sweep named {name!r} already exists (MLflow experiment {name!r} / "
+                          f"{tune_dir}); its results are kept: pass --resume to continue it, or --experiment to start "
+                          "a new one")
 
     base["init_from"] = connect(checked, address).cfg.init_from  # where every trial's workers read it
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             SWEEP_TAG: name, ROLE_TAG: "parent", "method": base_cfg.method, "dataset": base_cfg.data.name,
             "git_commit": tracking.git_commit(), tracking.OWNER_TAG: tracking.owner(),
+            **tracking.source_tags("sweep"), **tracking.user_tags(base_cfg),
             **({"init_from": redact_uri(init_from)} if init_from else {})}).info.run_id
         client.log_text(parent, redact_text(text), "search_space.yaml")
         client.log_text(parent, base_cfg.to_yaml(), "base_config.yaml")
@@ -196,8 +214,9 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: bool = False)
         print(f"resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their checkpoints"
               + (f" ({len(died)} runs whose process had died marked FAILED)" if died else ""), flush=True)
 
+    # The driver's user and commit: trials may run as another user on other nodes.
     sweep = {"name": name, "base": base, "experiment_id": experiment_id, "parent_run_id": parent,
-             "tracking_uri": tracking_uri, "init_from": init_from}
+             "tracking_uri": tracking_uri, "init_from": init_from, "source_tags": tracking.source_tags("sweep")}
     trainable = ray.tune.with_parameters(_trial_driver, sweep=sweep)
     try:
         if resume:

@@ -10,6 +10,7 @@ each step at most once.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils import mlflow_tags
 
 from clusterlab.config import ConfigError, ExperimentConfig, flatten
 from clusterlab.redact import redact_text, redact_uri
@@ -127,6 +129,42 @@ def client_for(cfg: ExperimentConfig) -> MlflowClient:
     return client
 
 
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's standard tags for a run ``clusterlab <command>`` starts, which fill the UI's
+    User, Source and Version columns (MLflow's own fluent API sets the same ones)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    tags = {mlflow_tags.MLFLOW_USER: user, mlflow_tags.MLFLOW_SOURCE_NAME: f"clusterlab {command}",
+            mlflow_tags.MLFLOW_SOURCE_TYPE: "LOCAL"}
+    commit = git_commit()
+    if commit != "unknown":
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def user_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """``tracking.tags`` and ``tracking.note`` (MLflow's run description) as run tags."""
+    note = {mlflow_tags.MLFLOW_RUN_NOTE: cfg.tracking.note} if cfg.tracking.note else {}
+    return {**cfg.tracking.tags, **note}
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, interval_s: float) -> Any:
+    """MLflow's system-metrics monitor for this node, started: CPU, memory, disk, network and
+    (with nvidia-ml-py) each GPU's utilisation and memory, logged to the run as
+    ``system/<node IP>-<node id prefix>/<metric>`` every ``interval_s`` seconds; it stops when
+    the run ends or at ``finish()``. Steps continue after a restarted attempt's."""
+    import ray
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    node = f"{ray.util.get_node_ip_address()}-{ray.get_runtime_context().get_node_id()[:6]}"
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, node_id=node,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -196,12 +234,16 @@ def find_sweep_parent(client: MlflowClient, exp_id: str, sweep: str) -> str | No
 
 
 def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
-              extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
+              extra_tags: dict[str, str] | None = None, display_name: str | None = None) -> tuple[str, bool]:
     """Create the run for ``run_name`` or reopen the one a previous attempt created.
 
     Returns ``(run_id, resumed)``. Params are logged once: MLflow params are immutable, so a
     resumed run with a different config is refused rather than half-overwritten, and so is a
-    run name whose run already finished (its results are never reopened).
+    run name whose run already finished (its results are never reopened). The run carries
+    MLflow's standard tags (:func:`source_tags`; ``extra_tags`` may override them) and the
+    user's (:func:`user_tags`, updated on a resume). ``display_name``: the name the MLflow UI
+    shows, when it is not ``run_name`` (a trial's searched values); ``run_name`` stays the
+    :data:`RUN_NAME_TAG` by which the run is found again.
     """
     exp_id = experiment_id(client, cfg.tracking.experiment)
     params = flatten(cfg)
@@ -226,6 +268,8 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
         holder = client.get_run(existing).data.tags.get(OWNER_TAG)
         if holder != owner():
             raise ValueError(f"{run_name!r} was claimed at the same time by {holder} (MLflow run {existing})")
+        if user_tags(cfg):
+            client.log_batch(existing, tags=[RunTag(k, v) for k, v in user_tags(cfg).items()])
         _hold(client, existing)
         return existing, True
     tags = {
@@ -236,9 +280,11 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
         "git_commit": git_commit(),
         OWNER_TAG: owner(),
         HEARTBEAT_TAG: f"{time.time():.0f}",
+        **source_tags("train"),
+        **user_tags(cfg),
         **{k: redact_uri(v) for k, v in (extra_tags or {}).items()},  # e.g. init_from, maybe a URI
     }
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run = client.create_run(exp_id, run_name=display_name or run_name, tags=tags)
     run_id = run.info.run_id
     items = list(params.items())
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call

@@ -80,14 +80,14 @@ def hardware_description(device: torch.device, world_size: int) -> str:
 class RaySession:
     """:class:`~clusterlab.platform.loop.TrainSession` inside a Ray Train worker."""
 
-    def __init__(self, run_id: str, tracking_uri: str, cpus_per_worker: float) -> None:
+    def __init__(self, run_id: str, tracking_uri: str, cfg: ExperimentConfig) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         # Ray starts workers with OMP_NUM_THREADS=1; use the CPUs this worker reserved.
-        torch.set_num_threads(max(1, int(cpus_per_worker)))
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
         self._run_id = run_id
         self._client = tracking.MlflowClient(tracking_uri) if self.world_rank == 0 else None
         self._metrics: tracking.EpochLogger | None = None
@@ -99,6 +99,10 @@ class RaySession:
                 tracking.NODE_IP_TAG: ray.util.get_node_ip_address(),
                 tracking.HARDWARE_TAG: hardware_description(self.device, self.world_size)})
             self._metrics = tracking.EpochLogger(self._client, run_id, step_key="lr")  # lr: logged every epoch
+        # One monitor per node (its first worker): utilisation is what packing workers and
+        # trials onto nodes is judged by.
+        self._system_metrics = (tracking.start_system_metrics(run_id, tracking_uri, cfg.tracking.system_metrics_interval_s)
+                                if cfg.tracking.system_metrics and ctx.get_local_rank() == 0 else None)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -130,7 +134,10 @@ class RaySession:
             self._metrics.log(int(metrics["epoch"]), metrics)
 
     def close(self, timeout_s: float) -> None:
-        """Deliver the queued metrics (training ends only when MLflow has every epoch)."""
+        """Deliver the queued metrics (training ends only when MLflow has every epoch), and the
+        last system-metric samples."""
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
         if self._metrics is not None:
             self._metrics.close(timeout_s)
 
@@ -144,7 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The checkpoint records this config (checkpoint.pt, config.yaml): no credentials in it. The
     # worker needs none of its URIs: Ray has storage_path, loop_config the tracking URI.
     cfg = build_config(redact_values(cfg.model_dump(mode="json")), source="train_loop_config")
-    session = RaySession(loop_config["run_id"], loop_config["tracking_uri"], cfg.resources.cpus_per_worker)
+    session = RaySession(loop_config["run_id"], loop_config["tracking_uri"], cfg)
     try:
         fit(cfg, session)
     except BaseException:
@@ -195,13 +202,17 @@ def resolve_init_from(client: tracking.MlflowClient, cfg: ExperimentConfig, stor
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to ``address`` or start a private local Ray (never attach to a stray cluster)."""
+    """Join the Ray cluster at ``address``, else at ``$RAY_ADDRESS`` (Ray's convention; a Ray
+    job's entrypoint gets its cluster's address there, so a job submitted without
+    ``--address`` still trains on that cluster), else start a private local Ray.
+    ``address="local"`` always starts a private one."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        if address:
+        if address != "local":
             ray.init(address=address, log_to_driver=True)
         else:
             # More logical CPUs than cores: on 2 cores Train's placement groups otherwise starve
