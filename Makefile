@@ -3,16 +3,25 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The pinned versions every install uses (the image's and the compose MLflow server's too).
+LOCK := constraints.txt
 
-.PHONY: demo test test-faults reliability bench clean
+.PHONY: demo test test-faults reliability bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Re-install only when the dependency list changes.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev]"
+# Re-install only when the dependency list or the pinned versions change.
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[dev]"
+	touch $(STAMP)
+
+# Rewrites constraints.txt from .venv as it is now (its `#` header kept): after a range in
+# pyproject.toml changed or a package in .venv was upgraded. .venv then is what the lock says.
+lock: $(STAMP)
+	{ grep '^#' $(LOCK); $(BIN)/pip freeze --all --exclude-editable --exclude pip; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 	touch $(STAMP)
 
 demo: $(STAMP)

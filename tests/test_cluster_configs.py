@@ -2,7 +2,8 @@
 
 Static checks, fast, with no network, Docker, Kubernetes or Ray cluster: every YAML parses;
 every image tag carries the Ray version pinned in pyproject.toml (client and cluster must run
-the same Ray); every `clusterlab ...` command the configs run or print exists in the CLI and
+the same Ray) and torch's CUDA build that constraints.txt names, which the nodes' NVIDIA driver
+must run; the compose MLflow server installs constraints.txt's MLflow, as the client does; every `clusterlab ...` command the configs run or print exists in the CLI and
 its arguments parse (a renamed subcommand, flag or config key fails here); the tracking URI and
 the shared storage reach every node; the compose stack's MLflow flags exist in the installed
 `mlflow server`; the launcher YAMLs pass Ray's own schema.
@@ -40,6 +41,10 @@ TWO_NODE = CONFIGS / "local_two_node.sh"
 IMAGE_PROJECT_DIR = "/home/ray/clusterlab"
 SHARED_MOUNT = "/mnt/shared"
 TRACKING_ENV = "CLUSTERLAB_TRACKING_URI"
+LOCK = ROOT / "constraints.txt"
+# What a deployment file says its nodes' NVIDIA driver runs: a GCP Deep Learning VM image family
+# (common-cu128-ubuntu-2204-nvidia-570) or a comment "NVIDIA driver R570 (CUDA 12.8)".
+NODE_CUDA = re.compile(r"\bcommon-cu(\d+)(\d)-|NVIDIA driver R\d+ \(CUDA (\d+)\.(\d+)\)")
 
 
 def ray_pin() -> str:
@@ -50,6 +55,35 @@ def ray_pin() -> str:
     match = re.fullmatch(r"ray(?:\[[^\]]*\])?\s*==\s*(\d+\.\d+\.\d+)", ray_deps[0])
     assert match, f"pyproject.toml must pin Ray exactly (ray[...]==X.Y.Z), got {ray_deps[0]!r}"
     return match.group(1)
+
+
+def canonical(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins() -> dict[str, str]:
+    """constraints.txt: canonical name -> pinned version."""
+    lines = [ln.strip() for ln in LOCK.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    pins = [re.fullmatch(r"([A-Za-z0-9][\w.-]*)==(\S+)", ln) for ln in lines]
+    bad = [ln for ln, pin in zip(lines, pins) if not pin]
+    assert not bad, f"constraints.txt must hold only exact pins (name==version), not {bad}"
+    return {canonical(pin.group(1)): pin.group(2) for pin in pins}
+
+
+def torch_cuda() -> str:
+    """TORCH_CUDA in constraints.txt's header (e.g. cu126): the one statement of torch's CUDA build
+    in the image, which every image tag and the nodes' drivers must agree with."""
+    values = re.findall(r"^# TORCH_CUDA=(\S*)\s*$", LOCK.read_text(), re.M)
+    assert len(values) == 1 and re.fullmatch(r"cu\d{3}", values[0]), (
+        f"constraints.txt needs one `# TORCH_CUDA=cuXYZ` line, got {values}")
+    return values[0]
+
+
+def cuda_version(variant: str) -> tuple[int, int]:
+    """cu126 -> (12, 6)."""
+    major, minor = re.fullmatch(r"cu(\d+)(\d)", variant).groups()
+    return int(major), int(minor)
 
 
 def yaml_files() -> list[Path]:
@@ -137,8 +171,35 @@ def test_dockerfile_builds_on_the_pinned_ray_gpu_image():
     assert len(froms) == 1, f"expected one FROM in docker/Dockerfile, got {froms}"
     name, tag = split_image(froms[0].split()[0])
     assert name == "rayproject/ray", f"the image must build on Ray's own image, not {name}"
-    assert re.fullmatch(rf"{re.escape(pin)}-py3\d+-(gpu|cu\d+)", tag), (
-        f"FROM rayproject/ray:{tag}: the tag must be <pinned Ray {pin}>-py3XX-gpu (or -cuXXX)")
+    cuda = torch_cuda()
+    assert re.fullmatch(rf"{re.escape(pin)}-py3\d+-{cuda}", tag), (
+        f"FROM rayproject/ray:{tag}: the tag must be <pinned Ray {pin}>-py3XX-<TORCH_CUDA {cuda}>: "
+        "Ray's build for the CUDA of the image's torch (`-gpu` is an alias of some other CUDA)")
+
+
+def test_lock_pins_the_dependencies():
+    pins = lock_pins()
+    assert "clusterlab" not in pins, "constraints.txt must not pin clusterlab itself (pip install -e . of a checkout)"
+    assert pins.get("ray") == ray_pin(), f"constraints.txt pins ray {pins.get('ray')}, pyproject.toml {ray_pin()}"
+    for name in ("torch", "torchvision", "mlflow", "setuptools"):
+        assert name in pins, f"constraints.txt does not pin {name}"
+    assert "+" not in pins["torch"] + pins["torchvision"], (
+        "constraints.txt pins PyPI's torch / torchvision (no +local label): docker/Dockerfile adds +TORCH_CUDA")
+
+
+def test_dockerfile_installs_torchs_cuda_build_from_the_lock():
+    """The image installs constraints.txt's pins with torch as its TORCH_CUDA build, and keeps
+    every later pip install (setup_commands, runtime_env) to them."""
+    instructions = dockerfile_instructions()
+    assert any(op == "COPY" and re.search(r"(^|\s)constraints\.txt(\s|$)", arg) for op, arg in instructions)
+    envs = [arg for op, arg in instructions if op == "ENV" and arg.startswith("PIP_CONSTRAINT=")]
+    assert envs, "docker/Dockerfile must set PIP_CONSTRAINT so that every pip install in the image keeps the pins"
+    (install,) = [arg for op, arg in instructions if op == "RUN" and "pip install" in arg and "-e ." in arg]
+    assert "# TORCH_CUDA=" in install and "constraints.txt" in install, (
+        "the install must read TORCH_CUDA from constraints.txt, not repeat it")
+    assert "https://download.pytorch.org/whl/$cuda" in install, "torch's TORCH_CUDA build comes from PyTorch's index"
+    stated = set(re.findall(r"\bcu\d{3}\b", DOCKERFILE.read_text()))
+    assert stated == {torch_cuda()}, f"docker/Dockerfile names CUDA builds {stated}, constraints.txt TORCH_CUDA={torch_cuda()}"
 
 
 def test_dockerfile_installs_the_project_where_the_configs_expect_it():
@@ -183,6 +244,21 @@ def test_cluster_nodes_run_our_image(path):
         name, tag = split_image(ref)
         assert is_our_image(name), f"{path.name}: nodes must run the clusterlab image (docker/Dockerfile), not {ref}"
         assert tag.startswith(f"{pin}-"), f"{path.name}: {ref} does not carry the pinned Ray version {pin}"
+        assert tag.endswith(f"-{torch_cuda()}"), (
+            f"{path.name}: {ref} does not carry torch's CUDA build (TORCH_CUDA={torch_cuda()} in constraints.txt)")
+
+
+@pytest.mark.parametrize("path", [*LAUNCHERS.values(), RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+def test_node_drivers_run_torchs_cuda_build(path):
+    """PyPI's torch is a CUDA 13 build that a driver-570 (CUDA 12.8) node cannot run: every
+    deployment states its nodes' driver, and it must support the image's CUDA (TORCH_CUDA)."""
+    stated = [(m.group(0), tuple(int(g) for g in m.groups() if g)) for m in NODE_CUDA.finditer(path.read_text())]
+    assert stated, (f"{path.name} states no NVIDIA driver for its nodes: a GPU image family "
+                    "(common-cuXYZ-...) or a comment `NVIDIA driver R570 (CUDA 12.8)`")
+    needed = cuda_version(torch_cuda())
+    for text, supported in stated:
+        assert supported >= needed, (
+            f"{path.name}: {text!r} supports CUDA {supported}, but torch's build is {torch_cuda()} (constraints.txt)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,9 +510,23 @@ def test_compose_mlflow_command_is_valid_for_the_installed_mlflow():
     for host in (f"mlflow:{params['port']}", f"localhost:{params['port']}", f"127.0.0.1:{params['port']}",
                  f"172.31.5.6:{params['port']}", f"10.0.0.7:{params['port']}"):
         assert is_allowed_host_header(allowed, host), f"--allowed-hosts rejects Host {host!r}"
-    # The server's MLflow major version is the client's.
-    pinned = re.search(r"mlflow==(\d+)\.", service["build"]["dockerfile_inline"]).group(1)
-    assert pinned == importlib.metadata.version("mlflow").split(".")[0]
+
+
+def test_compose_mlflow_server_is_the_locked_client_version():
+    """Server and client install MLflow from the same pin, constraints.txt (that the client's
+    environment runs it: tests/test_environment.py)."""
+    service = compose()["services"]["mlflow"]
+    build = service["build"]
+    assert (COMPOSE.parent / build["context"]).resolve() == ROOT, "the server's build context must hold constraints.txt"
+    inline = build["dockerfile_inline"]
+    copied = re.search(r"^COPY\s+constraints\.txt\s+(\S+)\s*$", inline, re.M)
+    assert copied, "the server's image must COPY constraints.txt"
+    (install,) = [shlex.split(ln) for ln in inline.splitlines() if "pip install" in ln]
+    assert ["-c", copied.group(1)] in [install[i:i + 2] for i in range(len(install))], (
+        f"the server must install with -c {copied.group(1)}, not {install}")
+    assert "mlflow" in install, f"the server must install `mlflow` as constraints.txt pins it, not {install}"
+    pinned = lock_pins()["mlflow"]
+    assert split_image(service["image"])[1] == pinned, f"image {service['image']}: tag it with the pinned MLflow {pinned}"
 
 
 # ---------------------------------------------------------------------------------------------
