@@ -6,10 +6,13 @@ import getpass
 import json
 import uuid
 
+import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from clusterlab import cli
+from clusterlab.environment import package_versions
 
 pytestmark = pytest.mark.ray
 
@@ -37,6 +40,10 @@ def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, caps
     assert tags["mlflow.source.git.commit"] == tags["git_commit"] != "unknown"
     assert tags["team"] == "vision" and tags["mlflow.note.content"] == "two epochs, **narrow** CNN"
     assert not {k for k in run.data.params if k.startswith(("tracking.tags", "tracking.note"))}
+    versions = package_versions()  # what the worker trained with: this environment's
+    assert {k.removeprefix("clusterlab.version."): v for k, v in tags.items()
+            if k.startswith("clusterlab.version.")} == versions
+    assert versions["torch"] == torch.__version__.split("+")[0] and versions["mlflow"] == mlflow.__version__
     # System metrics of the worker's node, sampled every second while it trained.
     node = f"{tags['clusterlab.node_ip']}-{tags['clusterlab.node_id'][:6]}"
     assert {f"system/{node}/cpu_utilization_percentage", f"system/{node}/system_memory_usage_megabytes"} <= set(

@@ -40,6 +40,7 @@ TRIAL_TAG = "clusterlab.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests runs carrying this tag under the parent in its UI
 NODE_TAG = "clusterlab.node_id"  # Ray node id of the rank-0 training worker (its latest start)
 NODE_IP_TAG = "clusterlab.node_ip"
+VERSION_TAG_PREFIX = "clusterlab.version."  # + package: the versions the training workers ran
 HARDWARE_TAG = "clusterlab.hardware"  # "<workers> x <device>" of the latest start (clusterlab report shows it)
 OWNER_TAG = "clusterlab.owner"  # "<host>/<pid>/<process start time>" of the process that ends the run
 FAILURE_TAG = "failure_reason"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from clusterlab.config import ConfigError, ExperimentConfig, build_config
+from clusterlab.environment import package_versions
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.interrupts import Interrupted, call_off_main_thread, reclaim_signals
 from clusterlab.platform.loop import PermanentTrainingError, fit
@@ -97,7 +98,9 @@ class RaySession:
             tracking.log_final(self._client, run_id, {}, tags={
                 tracking.NODE_TAG: ray.get_runtime_context().get_node_id(),
                 tracking.NODE_IP_TAG: ray.util.get_node_ip_address(),
-                tracking.HARDWARE_TAG: hardware_description(self.device, self.world_size)})
+                tracking.HARDWARE_TAG: hardware_description(self.device, self.world_size),
+                # what this attempt trains with, where it trains (a node image may differ from the lock)
+                **{f"{tracking.VERSION_TAG_PREFIX}{name}": version for name, version in package_versions().items()}})
             self._metrics = tracking.EpochLogger(self._client, run_id, step_key="lr")  # lr: logged every epoch
         # One monitor per node (its first worker): utilisation is what packing workers and
         # trials onto nodes is judged by.
