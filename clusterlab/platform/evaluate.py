@@ -6,7 +6,7 @@ touching the model again. It clusters the test split, or with ``eval.split: all`
 labelled images of train + test together (LSD-C Sec. 4: "we train and test the methods on the
 whole dataset"), read from the same two files; the linear probe always trains on train and
 scores on test. ``evaluate_features`` works from features alone, including files produced
-outside clusterlab.
+outside clusterlab, and without Ray (K-means then runs in this process).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
@@ -35,7 +34,7 @@ from clusterlab.eval.plots import (
     tsne_figure,
 )
 from clusterlab.platform import tracking
-from clusterlab.platform.fanout import FanoutResult, kmeans_fanout
+from clusterlab.platform.fanout import FanoutResult, kmeans_fanout, local_device
 from clusterlab.trainers import DataMeta, Method
 from clusterlab.trainers.checkpoint import method_from_checkpoint, read_checkpoint
 
@@ -122,7 +121,8 @@ def evaluate_features(
     present; ``head_*`` (argmax of the cluster head, confident-sample accuracy) when head
     probabilities are; ``linear_probe_acc`` when train features are given (fitted on ``train``,
     scored on ``probe_test``, default ``test``). ``device`` (``"cpu"`` /
-    ``"cuda"``, default: GPUs when the Ray cluster has any) is where K-means runs.
+    ``"cuda"``, default: GPUs when the Ray cluster has any) is where K-means runs: as Ray tasks
+    when Ray is initialised, else in this process (default: CUDA when this machine has it).
     """
     check_evaluable(test, k)
     labels = test["label"]
@@ -143,7 +143,7 @@ def evaluate_features(
         result.metrics[f"{prefix}_inertia"] = run.inertia
     if "coefficients" in test:
         result.metrics.update(evaluate_mixture(normalized, test["coefficients"], labels, k, max_iter, seed,
-                                               device=_local_device(device), num_classes=num_classes))
+                                               device=local_device(device), num_classes=num_classes))
     if "probabilities" in test:
         result.metrics.update(head_metrics(test["probabilities"], labels, num_classes=num_classes))
     if train is not None:
@@ -164,12 +164,6 @@ def evaluate_features(
             result.figures["component_usage.png"] = component_usage_figure(
                 labels, test["coefficients"].argmax(1), test["coefficients"].shape[1])
     return result
-
-
-def _local_device(device: str | None) -> str:
-    """The device for work done in this process (feature extraction, the single MIX'EM-initialised
-    K-means run): the one asked for, else CUDA when this machine has it."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _features_for_split(method: Method, meta: DataMeta, cfg: ExperimentConfig, split: str, out_dir: Path,
@@ -204,7 +198,7 @@ def evaluate_checkpoint(
     linear probe (train -> test)."""
     method, cfg, meta = method_from_checkpoint(read_checkpoint(checkpoint_dir))
     features_dir = Path(features_dir)
-    local = _local_device(device)
+    local = local_device(device)
     test, test_images = _features_for_split(method, meta, cfg, "test", features_dir, local, progress)
     train, train_images = _features_for_split(method, meta, cfg, "train", features_dir, local, progress)
     ev = cfg.eval

@@ -10,6 +10,9 @@ kept for the accuracy-vs-inertia view (MIX'EM Fig. 5).
 
 Chunking is per device, not per initialisation: on GPUs one task per GPU (one batched call per
 device beats many small tasks), on CPUs one task per CPU the cluster offers.
+
+Without Ray initialised (a notebook, a script), every variant is one batched call in this
+process, on this machine's GPU when it has one: the same result as the fan-out with one task.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+import torch
 from tqdm.auto import tqdm
 
 from clusterlab.eval.kmeans import KMeansResult, batched_kmeans, task_memory
@@ -47,14 +51,24 @@ def _kmeans_task(x: np.ndarray, k: int, n_init: int, max_iter: int, tol: float, 
                           return_all_labels=True)
 
 
+def _check_device(device: str | None) -> None:
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def local_device(device: str | None) -> str:
+    """The device for work done in this process (feature extraction, the single MIX'EM-initialised
+    K-means run, K-means without Ray): the one asked for, else CUDA when this machine has it."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def plan_chunks(n_init: int, tasks: int | None = None, device: str | None = None) -> tuple[list[int], bool]:
     """Split ``n_init`` over tasks -> (initialisations per task, whether each task takes a GPU).
 
     ``device`` None uses GPUs when the cluster has any; ``"cpu"`` / ``"cuda"`` force one or the
     other. ``tasks`` None: one task per GPU (on GPUs), else one per CPU in the cluster.
     """
-    if device not in (None, "cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    _check_device(device)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if device == "cuda" and gpus == 0:
@@ -82,10 +96,14 @@ def kmeans_fanout(
 ) -> dict[str, FanoutResult]:
     """Cluster every feature variant (e.g. normalised / raw representation) with ``n_init``
     initialisations spread over Ray tasks, all variants in flight at once. With ``labels``,
-    every initialisation's ACC (K = ``k``, C = ``num_classes``; None: read off the labels)."""
+    every initialisation's ACC (K = ``k``, C = ``num_classes``; None: read off the labels).
+    When Ray is not initialised, each variant is one batched call in this process instead
+    (``tasks`` is then unused)."""
     for name, x in variants.items():
         if not 2 <= k <= len(x):
             raise ValueError(f"k must be between 2 and the number of samples ({len(x)}) of {name!r}, got {k}")
+    if not ray.is_initialized():
+        return _kmeans_in_process(variants, k, n_init, labels, num_classes, max_iter, tol, seed, device, progress)
     sizes, use_gpu = plan_chunks(n_init, tasks, device)
     # The tasks ask for their own resources from the cluster: inside a Tune trial they must not
     # be captured by the trial's placement group, which is sized for the trial's driver only.
@@ -115,6 +133,23 @@ def kmeans_fanout(
             bar.update(1)
     return {name: _merge([chunks[i] for i in sorted(chunks)], k, labels, num_classes)
             for name, chunks in parts.items()}
+
+
+def _kmeans_in_process(variants: dict[str, np.ndarray], k: int, n_init: int, labels: np.ndarray | None,
+                       num_classes: int | None, max_iter: int, tol: float, seed: int, device: str | None,
+                       progress: bool) -> dict[str, FanoutResult]:
+    """Each variant as one batched call in this process, seeded as the fan-out's first chunk (so
+    the fan-out's result with one task). Without Ray initialised (a notebook, a script), starting
+    it would be a side effect the caller did not ask for, and costs more than small features'
+    clustering."""
+    _check_device(device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but this machine has no CUDA GPU; use device 'cpu' or omit it")
+    local = local_device(device)
+    return {name: _merge([batched_kmeans(x, k, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed, device=local,
+                                         return_all_labels=True)], k, labels, num_classes)
+            for name, x in tqdm(variants.items(), desc=f"K-means ({n_init} inits, {local})", unit="variant",
+                                disable=not progress, leave=False)}
 
 
 def _merge(chunks: list[KMeansResult], k: int, labels: np.ndarray | None, num_classes: int | None) -> FanoutResult:

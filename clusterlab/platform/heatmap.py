@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from clusterlab.config import ConfigError, parse_yaml
 from clusterlab.eval.plots import heatmap_figure
 from clusterlab.methods import spec_for
-from clusterlab.platform.tracking import ROLE_TAG, find_sweep_parent
+from clusterlab.platform.tracking import ROLE_TAG, TRIAL_TAG, find_sweep_parent
 from clusterlab.search_space import LAMBDA_ALIASES
 
 
@@ -66,21 +66,42 @@ def headline_metric(runs: list[Any], experiment: str) -> str:
     return spec_for(methods.pop()).headline_metric
 
 
+def sweep_runs(client: MlflowClient, experiment: str) -> tuple[list[Any], str | None]:
+    """The trial runs of the experiment's sweep (every run but the parent) and the parent's
+    run id (None when there is none)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in this tracking store")
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
+            if r.data.tags.get(ROLE_TAG) != "parent"]
+    if not runs:
+        raise ConfigError(f"--experiment: {experiment!r} has no trial runs yet")
+    return runs, find_sweep_parent(client, exp.experiment_id, experiment)
+
+
 def sweep_cells(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None,
                 metric: str | None = None) -> tuple[list[Cell], str | None, str]:
     """Every grid cell of the experiment's sweep, read from MLflow (the standalone ``clusterlab
     heatmap``) -> (cells, parent run id or None, the metric drawn: ``metric``, else the method's
     headline metric). The grid is the parent's ``search_space.yaml`` where there is one."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in this tracking store")
-    parent_id = find_sweep_parent(client, exp.experiment_id, experiment)
-    runs = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
-            if r.data.tags.get(ROLE_TAG) != "parent"]
-    if not runs:
-        raise ConfigError(f"--experiment: {experiment!r} has no trial runs yet")
+    runs, parent_id = sweep_runs(client, experiment)
     metric = metric or headline_metric(runs, experiment)
     return grid_cells(runs, x, y, facet, metric, _parent_grid(client, parent_id), experiment), parent_id, metric
+
+
+def sweep_records(client: MlflowClient, experiment: str) -> list[dict[str, Any]]:
+    """One record per trial run of the experiment's sweep, oldest first: ``run_id``,
+    ``trial_id``, ``status``, the searched params (the keys of the parent's search space;
+    without one, the params whose values differ between the runs), numbers where they parse
+    as numbers, then every metric's latest value (NaN where a run has none)."""
+    runs, parent_id = sweep_runs(client, experiment)
+    searched = list(_parent_grid(client, parent_id)) or sorted(
+        key for key in {k for r in runs for k in r.data.params} if len({r.data.params.get(key) for r in runs}) > 1)
+    metrics = sorted({m for r in runs for m in r.data.metrics})
+    return [{"run_id": r.info.run_id, "trial_id": r.data.tags.get(TRIAL_TAG), "status": r.info.status,
+             **{key: _value(r.data.params.get(key)) for key in searched},
+             **{m: r.data.metrics.get(m, float("nan")) for m in metrics}}
+            for r in sorted(runs, key=lambda r: r.info.start_time)]
 
 
 def grid_cells(runs: list[Any], x: str, y: str, facet: str | None, metric: str, grid: dict[str, list[Any]],
@@ -95,10 +116,39 @@ def grid_cells(runs: list[Any], x: str, y: str, facet: str | None, metric: str, 
         available = sorted({m for r in runs for m in r.data.metrics if m.endswith(("_acc", "_nmi", "_ari", "loss"))})
         raise ConfigError(f"--metric: no run of {experiment!r} logged {metric!r}; available: {', '.join(available)}")
 
-    groups: dict[tuple[Any, Any, Any], list[Any]] = {}
-    for r in runs:
-        key = (_value(r.data.params.get(facet)) if facet else None, _value(r.data.params[x]), _value(r.data.params[y]))
-        groups.setdefault(key, []).append(r)
+    return _cells([((_value(r.data.params.get(facet)) if facet else None, _value(r.data.params[x]),
+                      _value(r.data.params[y])),
+                     r.data.metrics[metric] if r.info.status == "FINISHED" and metric in r.data.metrics else None)
+                    for r in runs], x, y, facet, grid)
+
+
+def table_cells(table: Any, x: str, y: str, facet: str | None, metric: str) -> list[Cell]:
+    """The cells of a table with one row per run (a pandas DataFrame, such as the one
+    ``clusterlab.sweep_results`` returns):
+    columns ``x``, ``y``, ``facet`` and ``metric``, and ``status`` when some runs did not
+    finish. A row whose metric is missing (NaN) or whose status is not FINISHED is a failed run;
+    the grid is the values the rows hold."""
+    for argument, column in (("x", x), ("y", y), ("facet", facet), ("metric", metric)):
+        if column is not None and column not in table.columns:
+            raise ValueError(f"{argument}: the table has no column {column!r}; its columns: {list(table.columns)}")
+    if len(table) == 0:
+        raise ValueError("data: the table has no rows")
+    points = []
+    for row in table.to_dict("records"):
+        value = row[metric]
+        finished = row.get("status", "FINISHED") == "FINISHED" and value is not None and np.isfinite(value)
+        points.append(((_value(row[facet]) if facet else None, _value(row[x]), _value(row[y])),
+                       float(value) if finished else None))
+    return _cells(points, x, y, facet, {})
+
+
+def _cells(points: list[tuple[tuple[Any, Any, Any], float | None]], x: str, y: str, facet: str | None,
+           grid: dict[str, list[Any]]) -> list[Cell]:
+    """Cells from one point per run: its (facet, x, y) values and its metric, None for a run
+    that did not finish with it. The axes are the values in ``grid`` and in the points."""
+    groups: dict[tuple[Any, Any, Any], list[float | None]] = {}
+    for key, value in points:
+        groups.setdefault(key, []).append(value)
 
     def axis(i: int, name: str | None) -> list[Any]:
         values = {_value(v) for v in grid.get(name or "", [])}
@@ -109,7 +159,7 @@ def grid_cells(runs: list[Any], x: str, y: str, facet: str | None, metric: str, 
         for yv in axis(2, y):
             for xv in axis(1, x):
                 members = groups.get((f, xv, yv), [])
-                values = [r.data.metrics[metric] for r in members if r.info.status == "FINISHED" and metric in r.data.metrics]
+                values = [v for v in members if v is not None]
                 if values:
                     cells.append(Cell(f, xv, yv, float(np.mean(values)), float(np.std(values)), len(values), "ok"))
                 else:
@@ -143,7 +193,7 @@ def write_heatmap(cells: list[Cell], x: str, y: str, facet: str | None, metric: 
                   out: str | Path | None = None, client: MlflowClient | None = None,
                   parent_id: str | None = None) -> Path:
     """Heatmap PNG + CSV (same name, ``.csv``) of the cells; both are logged to the sweep's
-    parent run when there is one."""
+    parent run when ``client`` and ``parent_id`` are given, else nothing is logged."""
     # The default file stays in the working directory whatever the experiment is called ("../x").
     out = Path(out or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{experiment}_{metric}_heatmap.png").lstrip("."))
     out.parent.mkdir(parents=True, exist_ok=True)
