@@ -12,6 +12,7 @@
       metric: val_loss                      # selects the best trial (MIX'EM supplementary 1.3)
       mode: min
       scheduler: {name: asha, max_t: 100, grace_period: 10, reduction_factor: 3}
+      search_alg: {name: basic}             # or optuna: TPE proposes each trial's values (no grid)
       num_samples: 1                        # repeats of the grid / samples of the random keys
       max_concurrent_trials: 4
       seed: 0
@@ -35,7 +36,7 @@ from itertools import product
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from clusterlab.config import (
     PRESETS,
@@ -113,14 +114,46 @@ class AshaScheduler(StrictModel):
         return self
 
 
+class BasicSearch(StrictModel):
+    """Tune's ``BasicVariantGenerator``: every grid point, random domains drawn independently."""
+
+    name: Literal["basic"] = "basic"
+
+
+class OptunaSearch(StrictModel):
+    """Bayesian optimisation with Optuna's TPE sampler (Tune's ``OptunaSearch``): each trial's
+    values are proposed from the ``tune.metric`` of the trials finished before it, so
+    ``tune.max_concurrent_trials`` (default: what the resources allow) also bounds how many
+    proposals are made without that feedback. ``num_samples`` = trials; no ``grid`` domains."""
+
+    name: Literal["optuna"]
+
+
+# Schedulers that change a trial's hyperparameters while it trains: refused, with the reason.
+MUTATING_SCHEDULERS = {"pbt", "pb2"}
+
+
 class TuneSettings(StrictModel):
     metric: str = Field("val_loss", description="the metric that picks the best trial")
     mode: Literal["min", "max"] = "min"
     scheduler: Annotated[Union[FifoScheduler, AshaScheduler], Field(discriminator="name")] = Field(
         default_factory=FifoScheduler)
+    search_alg: Annotated[Union[BasicSearch, OptunaSearch], Field(discriminator="name")] = Field(
+        default_factory=BasicSearch, description="how trials' values are chosen: basic (grid / random) or optuna")
     num_samples: int = Field(1, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the resources allow")
     seed: int | None = Field(0, description="seeds the sampling of random domains")
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _no_mutating_scheduler(cls, v: Any) -> Any:
+        name = v.get("name") if isinstance(v, dict) else None
+        if isinstance(name, str) and name.lower() in MUTATING_SCHEDULERS:
+            raise ValueError(
+                f"{name} is not supported: population-based training changes a trial's hyperparameters while it "
+                "trains, but a clusterlab run is one config (its MLflow params are immutable, its checkpoint and "
+                "resume assume them); use asha to stop weak trials early, or search_alg: {name: optuna}")
+        return v
 
 
 class SearchSpace(StrictModel):
@@ -185,6 +218,9 @@ def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> None:
     method = spec_for(probe.method)
     per_epoch, final = method.epoch_metrics(), method.final_metrics()
     metric = space.tune.metric
+    if isinstance(space.tune.search_alg, OptunaSearch) and space.grid_keys():
+        raise ConfigError(f"{label}: search.{space.grid_keys()[0]}: optuna proposes every value itself; a grid "
+                          "crosses all of them: use choice (or uniform / loguniform / randint), or search_alg: basic")
     if isinstance(space.tune.scheduler, AshaScheduler) and metric not in per_epoch:
         raise ConfigError(f"{label}: tune.metric: ASHA needs a metric reported every epoch; {metric!r} is not one "
                           f"of {', '.join(sorted(per_epoch))}")
@@ -262,7 +298,8 @@ def trial_plan(space: SearchSpace) -> list[str]:
     scheduler = space.tune.scheduler
     asha = (f" (max_t {scheduler.max_t}, grace {scheduler.grace_period}, reduction {scheduler.reduction_factor:g})"
             if isinstance(scheduler, AshaScheduler) else "")
-    return [f"{space.trial_count()} trials, scheduler {scheduler.name}{asha}, best trial by {space.tune.metric} "
+    return [f"{space.trial_count()} trials, scheduler {scheduler.name}{asha}, search {space.tune.search_alg.name}, "
+            f"best trial by {space.tune.metric} "
             f"({space.tune.mode}), sampling seed {space.tune.seed}", *lines]
 
 

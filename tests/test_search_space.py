@@ -62,6 +62,12 @@ def _space(tmp_path: Path, body: str) -> Path:
     ("base: simclr_digits\nsearch: {}\n", "at least 1 item"),
     ("base: simclr_digits\nserch: {optim.lr: {grid: [1e-3]}}\n", "unknown key; allowed keys here: name, base"),
     ("base: simclr_digits\nsearch: {optim.lr: {grid: [1e-3]}}\ntune: {mode: up}\n", "tune.mode"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: [1e-3]}}\ntune: {scheduler: {name: pbt}}\n",
+     "pbt is not supported: population-based training changes a trial's hyperparameters while it trains"),
+    ("base: simclr_digits\nsearch: {optim.lr: {grid: [1e-3, 1e-4]}}\ntune: {search_alg: {name: optuna}}\n",
+     "search.optim.lr: optuna proposes every value itself"),
+    ("base: simclr_digits\nsearch: {optim.lr: {choice: [1e-3]}}\ntune: {search_alg: {name: hyperopt}}\n",
+     "tune.search_alg"),
 ])
 def test_invalid_spaces_name_the_field(tmp_path, body, message):
     with pytest.raises(ConfigError) as info:
@@ -127,3 +133,35 @@ def test_a_searched_mixup_composition_gets_lsdc_mixup_weight_decay(tmp_path):
                     "search:\n  lsdc.composition: {grid: [ricap, mixup]}\n")
     _, base, _ = load_search_space(path)
     assert trial_config(base, {"lsdc.composition": "mixup"}).optim.weight_decay == pytest.approx(3e-4)
+
+
+def test_optuna_learns_from_a_metric_only_the_trials_last_result_carries(ray_local, tmp_path):
+    """A real Tune run with the sweep's Tune settings and search_alg optuna: epochs report
+    val_loss only, the evaluation's ACC comes with the last result (as in a trial). Tune's own
+    OptunaSearch raises on the epochs' results; every trial must complete and Optuna must have
+    been told each trial's ACC, at most 2 trials in flight."""
+    import optuna
+    from ray import tune
+
+    from clusterlab.platform.sweep import final_metric_checking, tune_config
+
+    space, _, _ = load_search_space(_space(tmp_path, (
+        "base: simclr_digits\nsearch: {optim.lr: {uniform: [0.01, 1.0]}}\n"
+        "tune: {metric: kmeans_norm_acc, mode: max, num_samples: 6, seed: 3, search_alg: {name: optuna}}\n")))
+    settings = tune_config(space, "simclr", concurrency=2)
+    assert settings.search_alg.max_concurrent == 2
+
+    def trial(config):
+        lr = config["params"]["optim.lr"]
+        for epoch in (1, 2):
+            tune.report({"epoch": epoch, "val_loss": 1.0 + lr})
+        tune.report({"epoch": 2, "kmeans_norm_acc": 1.0 - abs(lr - 0.3)})
+
+    tuner = tune.Tuner(trial, param_space={"params": {"optim.lr": tune.uniform(0.01, 1.0)}}, tune_config=settings,
+                       run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0))
+    with final_metric_checking(space, "simclr"):
+        results = tuner.fit()
+    assert len(results) == 6 and results.num_errors == 0
+    study = settings.search_alg.searcher._ot_study
+    told = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert told == sorted(r.metrics["kmeans_norm_acc"] for r in results)

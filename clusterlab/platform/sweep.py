@@ -14,7 +14,10 @@ and its MLflow child run carries the trial id, so nothing is logged twice.
 from __future__ import annotations
 
 import copy
+import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,10 @@ from clusterlab.platform.run import RunContext, check, close_run, connect, execu
 from clusterlab.platform.train import TrainingFailed, storage_dir, storage_uri
 from clusterlab.platform.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from clusterlab.redact import redact_text, redact_uri
-from clusterlab.search_space import AshaScheduler, Domain, SearchSpace, SweepPlan, trial_config
+from clusterlab.search_space import AshaScheduler, Domain, OptunaSearch, SearchSpace, SweepPlan, trial_config
 from clusterlab.methods import spec_for
 
+STRICT_METRIC_CHECKING = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 # failure_reason categories that a retry with the same settings would repeat.
 PERMANENT_FAILURES = {NonFiniteLossError.reason, TrainingOutOfMemoryError.reason}
 
@@ -181,7 +185,6 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = 
     init_from = base_cfg.init_from
 
     import ray.tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if resume == "auto":
         resume = "yes" if parent is not None or cluster.exists(tune_dir) else None
@@ -224,11 +227,11 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = 
                                            resume_errored=True)
         else:
             tuner = ray.tune.Tuner(trainable, param_space={"params": {k: _tune_domain(d) for k, d in space.search.items()}},
-                                   tune_config=_tune_config(space, base_cfg.method, BasicVariantGenerator,
-                                                            max_concurrent_trials(space, base_cfg,
-                                                                                  ray.cluster_resources())),
+                                   tune_config=tune_config(space, base_cfg.method,
+                                                           max_concurrent_trials(space, base_cfg,
+                                                                                 ray.cluster_resources())),
                                    run_config=ray.tune.RunConfig(name=name, storage_path=storage_uri(base_cfg)))
-        with stop_tune_gracefully() as stopped_by:
+        with stop_tune_gracefully() as stopped_by, final_metric_checking(space, base_cfg.method):
             results = tuner.fit()
         if len(results) < space.trial_count() or results.num_terminated + results.num_errors < len(results):
             # Tune stopped the trials on SIGINT / SIGTERM and saved its state (trials of a grid
@@ -263,9 +266,33 @@ def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, cluster: di
     return max(1, fits)
 
 
-def _tune_config(space: SearchSpace, method: str, generator: type, concurrency: int) -> Any:
+@contextmanager
+def final_metric_checking(space: SearchSpace, method: str) -> Iterator[None]:
+    """Let Tune accept epoch results without the search algorithm's metric while it runs, when
+    that metric is a final one (Optuna on an evaluation ACC, :mod:`optuna_search`): Tune's own
+    check, ``TUNE_DISABLE_STRICT_METRIC_CHECKING``, would otherwise fail the first epoch."""
+    final_only = (isinstance(space.tune.search_alg, OptunaSearch)
+                  and space.tune.metric not in spec_for(method).epoch_metrics())
+    if not final_only:
+        yield
+        return
+    previous = os.environ.get(STRICT_METRIC_CHECKING)
+    os.environ[STRICT_METRIC_CHECKING] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[STRICT_METRIC_CHECKING]
+        else:
+            os.environ[STRICT_METRIC_CHECKING] = previous
+
+
+def tune_config(space: SearchSpace, method: str, concurrency: int) -> Any:
+    """Tune's settings for the space: its scheduler, its search algorithm (limited to
+    ``concurrency`` trials at once), and the metric Tune watches when it is reported every epoch."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     settings = space.tune
     per_epoch = settings.metric in spec_for(method).epoch_metrics()
@@ -276,13 +303,21 @@ def _tune_config(space: SearchSpace, method: str, generator: type, concurrency: 
                                reduction_factor=sched.reduction_factor, stop_last_trials=False)
                  if isinstance(sched, AshaScheduler) else FIFOScheduler())
     # Tune checks every result for its metric: only a per-epoch metric can be given to it; a
-    # final-only metric (an evaluation ACC) picks the best trial after the sweep instead.
-    # The concurrency limit goes to the generator itself: Tune ignores max_concurrent_trials
-    # when it is handed a generator instance.
+    # final-only metric (an evaluation ACC) picks the best trial after the sweep instead, and
+    # is what Optuna learns from at each trial's end. The concurrency limit goes to the search
+    # algorithm itself: Tune ignores max_concurrent_trials when it is handed one.
+    if isinstance(settings.search_alg, OptunaSearch):
+        from ray.tune.search import ConcurrencyLimiter
+
+        from clusterlab.platform.optuna_search import FinalMetricOptunaSearch
+
+        search_alg = ConcurrencyLimiter(FinalMetricOptunaSearch(metric=settings.metric, mode=settings.mode,
+                                                                seed=settings.seed), max_concurrent=concurrency)
+    else:
+        search_alg = BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency)
     return ray.tune.TuneConfig(metric=settings.metric if per_epoch else None,
                                mode=settings.mode if per_epoch else None, scheduler=scheduler,
-                               num_samples=settings.num_samples,
-                               search_alg=generator(random_state=settings.seed, max_concurrent=concurrency))
+                               num_samples=settings.num_samples, search_alg=search_alg)
 
 
 def _summarise(client: tracking.MlflowClient, experiment_id: str, parent: str, space: SearchSpace, name: str,
