@@ -144,10 +144,10 @@ Two-node Ray cluster up (head pid $(node_pid head), worker pid $(node_pid worker
   tracking:    CLUSTERLAB_TRACKING_URI=$CLUSTERLAB_TRACKING_URI (set on both nodes)
   storage:     $STORAGE_PATH (both nodes)
 
-Submit a sweep from the repository root (key=value overrides before the options; --address auto
-attaches the job to this cluster):
+Submit a sweep from the repository root (the job joins this cluster through the RAY_ADDRESS
+Ray gives it; --resume auto continues the sweep if it already exists):
 
-  ray job submit --address $DASHBOARD_URL --working-dir . -- clusterlab sweep search_spaces/mixem_loss_weights_digits.yaml storage_path=$STORAGE_PATH --address auto
+  ray job submit --address $DASHBOARD_URL --working-dir . -- clusterlab sweep search_spaces/mixem_loss_weights_digits.yaml storage_path=$STORAGE_PATH --resume auto
 
 Stop both nodes: bash cluster_configs/local_two_node.sh stop
 EOF

@@ -36,6 +36,7 @@ KUBERAY = CONFIGS / "kuberay"
 RAYCLUSTER = KUBERAY / "raycluster.yaml"
 RAYJOB = KUBERAY / "rayjob.yaml"
 SHARED_PVC = KUBERAY / "shared-storage.yaml"
+KUBE_MLFLOW = KUBERAY / "mlflow.yaml"
 TWO_NODE = CONFIGS / "local_two_node.sh"
 # Where docker/Dockerfile puts the project (and its search spaces) inside the image.
 IMAGE_PROJECT_DIR = "/home/ray/clusterlab"
@@ -149,7 +150,7 @@ def test_ray_pin_is_exact_and_installed():
 
 
 def test_expected_files_exist():
-    for path in (DOCKERFILE, COMPOSE, *LAUNCHERS.values(), RAYCLUSTER, RAYJOB, SHARED_PVC, TWO_NODE):
+    for path in (DOCKERFILE, COMPOSE, *LAUNCHERS.values(), RAYCLUSTER, RAYJOB, SHARED_PVC, KUBE_MLFLOW, TWO_NODE):
         assert path.is_file(), f"{path.relative_to(ROOT)} is missing"
 
 
@@ -316,10 +317,13 @@ def test_clusterlab_command_parses(source, command, capsys):
         args = parser.parse_args(argv[1:])
     except SystemExit:
         pytest.fail(f"{source}: `{command}` does not parse:\n{capsys.readouterr().err}")
-    assert args.address == "auto", (
-        f"{source}: `{command}` needs --address auto, else it starts a private local Ray instead of using the cluster")
+    # A job's driver joins its cluster through the RAY_ADDRESS Ray sets; another address would leave it.
+    assert args.address in (None, "auto"), f"{source}: `{command}` sends the job to another Ray ({args.address})"
     if args.command != "sweep":
         return
+    if source == RAYJOB.name:  # retried by KubeRay (backoffLimit): each retry must continue the sweep
+        assert args.resume == "auto" and rayjob()["spec"]["backoffLimit"] >= 1, (
+            "the RayJob must retry (backoffLimit >= 1) and run `sweep ... --resume auto`")
     # Same overrides as cmd_sweep builds; load_search_space validates the space and every key.
     overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
     _, base, _ = load_search_space(args.space, overrides)
@@ -527,6 +531,39 @@ def test_compose_mlflow_server_is_the_locked_client_version():
     assert "mlflow" in install, f"the server must install `mlflow` as constraints.txt pins it, not {install}"
     pinned = lock_pins()["mlflow"]
     assert split_image(service["image"])[1] == pinned, f"image {service['image']}: tag it with the pinned MLflow {pinned}"
+
+
+def kube_mlflow(kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in load_all(KUBE_MLFLOW) if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def test_kuberay_mlflow_server_is_where_the_pods_log():
+    """cluster_configs/kuberay/mlflow.yaml ships the server the KubeRay pods' tracking URI names:
+    its Service (name, namespace, port) resolves to that URI, the command is valid for the
+    pinned MLflow and accepts that Host header, on the image compose builds from the lock."""
+    from mlflow.cli import server
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    service, deployment = kube_mlflow("Service", "mlflow"), kube_mlflow("Deployment", "mlflow")
+    (port,) = service["spec"]["ports"]
+    uris = {env["value"] for spec in pod_specs(raycluster()["spec"]) for c in spec["containers"]
+            for env in c.get("env", []) if env["name"] == TRACKING_ENV}
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:{port['port']}"
+    assert uris == {f"http://{host}"}, f"the pods log to {uris}, the shipped server is http://{host}"
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert deployment["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    argv = container["command"]
+    params = server.make_context("server", argv[2:]).params
+    assert argv[:2] == ["mlflow", "server"] and params["port"] == port["targetPort"] == 5000
+    assert params["backend_store_uri"].startswith("postgresql+psycopg2://") and "@postgres:5432/" in params["backend_store_uri"]
+    assert "$(POSTGRES_PASSWORD)" in params["backend_store_uri"], "the password comes from the Secret, not the file"
+    assert params["serve_artifacts"], "artifacts must be proxied by the server (pods need no store credentials)"
+    assert is_allowed_host_header([h.strip() for h in params["allowed_hosts"].split(",")], host)
+    name, tag = split_image(container["image"])
+    assert name.rsplit("/", 1)[-1] == split_image(compose()["services"]["mlflow"]["image"])[0]
+    assert tag == lock_pins()["mlflow"], f"{container['image']}: the server must run the pinned MLflow"
 
 
 # ---------------------------------------------------------------------------------------------
