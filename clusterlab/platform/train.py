@@ -303,8 +303,11 @@ def run_trainer(cfg: ExperimentConfig, run_id: str, run_name: str, tracking_uri:
             run_config=ray.train.RunConfig(
                 name=run_name,  # the same name again: Ray Train continues from the latest checkpoint
                 storage_path=storage_uri(cfg),
-                # Retries are decided here, not by Ray Train, which would also retry a NaN loss.
-                failure_config=ray.train.FailureConfig(max_failures=0),
+                # Retries of failures are decided here, not by Ray Train, which would also retry a
+                # NaN loss. A node preemption Ray Train is told of in advance (the cloud's drain
+                # notice) is its own to retry, from the latest checkpoint, without counting
+                # against resources.max_failures.
+                failure_config=ray.train.FailureConfig(max_failures=0, max_preemption_failures=-1),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 # Ray Train's INFO lines (two per report) would bury the per-epoch progress line.
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
