@@ -159,6 +159,8 @@ def start_system_metrics(run_id: str, tracking_uri: str, interval_s: float) -> A
     import ray
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    # Its INFO lines (started, stopping, terminated) would sit between the epochs' progress lines.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     node = f"{ray.util.get_node_ip_address()}-{ray.get_runtime_context().get_node_id()[:6]}"
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, node_id=node,
                                    tracking_uri=tracking_uri)
