@@ -289,6 +289,10 @@ class ResourcesConfig(StrictModel):
     custom_resources: dict[str, float] = Field(
         default_factory=dict, description="Ray custom resources each worker needs, e.g. {worker_node: 1} to place "
         "workers on nodes started with `ray start --resources '{\"worker_node\": 1}'`")
+    preemption_check_steps: int = Field(
+        20, ge=0, description="training steps between asking Ray Train whether a node of the run is about to be "
+        "preempted (a spot reclaim notice); on notice the epoch so far is checkpointed at once and the restarted run "
+        "continues from that step; 0: never ask")
 
     @field_validator("custom_resources")
     @classmethod

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clusterlab.config import load_config
-from clusterlab.platform.loop import LocalSession, fit
+from clusterlab.platform.loop import PREEMPTION_STEP_KEY, LocalSession, fit
 from clusterlab.trainers.checkpoint import method_from_checkpoint, read_checkpoint
 from clusterlab.trainers.optim import lr_factor
 
@@ -63,6 +63,59 @@ def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path):
     # The lr schedule continues where it stopped rather than restarting.
     assert again.history[0]["lr"] == pytest.approx(full.history[2]["lr"], rel=1e-6)
     assert read_checkpoint(again.latest_checkpoint())["epochs_done"] == 3
+
+
+class PreemptedSession(LocalSession):
+    """Its node gets a preemption notice the n-th time the loop asks, and is gone as soon as the
+    checkpoint taken on the notice has been handed over (the run dies there)."""
+
+    def __init__(self, directory, notice_at_ask: int) -> None:
+        super().__init__(directory)
+        self.notice_at_ask, self.asks = notice_at_ask, 0
+
+    def preemption_notice(self) -> bool:
+        self.asks += 1
+        return self.asks == self.notice_at_ask
+
+    def report(self, metrics, checkpoint_dir) -> None:
+        super().report(metrics, checkpoint_dir)
+        if PREEMPTION_STEP_KEY in metrics:
+            raise _Crash
+
+
+def test_a_preemption_notice_checkpoints_the_epoch_so_far_and_the_restart_continues_at_that_step(tmp_path):
+    """Ray 2.60's just-in-time checkpoint (ray.train.get_preemption_info): asked every 4 steps
+    (digits: 12 steps per epoch, so at steps 4, 8, 12), the 5th ask (epoch 2, step 8) gets the
+    notice; the restarted run trains epoch 2 from step 9, not from its start."""
+    cfg = _cfg("epochs=3", "resources.preemption_check_steps=4")
+    full = LocalSession(tmp_path / "full")
+    fit(cfg, full)
+
+    preempted = PreemptedSession(tmp_path / "preempted", notice_at_ask=5)
+    with pytest.raises(_Crash):
+        fit(cfg, preempted)
+    assert preempted.asks == 5
+    checkpoint = preempted.latest_checkpoint()
+    assert checkpoint.name == "epoch_0001_step_000008"  # after epoch 1's, before epoch 2's
+    state = read_checkpoint(checkpoint)
+    assert state["epochs_done"] == 1 and state["epoch_progress"]["step"] == 8
+    assert set(state["epoch_progress"]["sums"]) == {"loss", "loss_contrast"}
+    jit_report = preempted.history[-1]
+    assert jit_report[PREEMPTION_STEP_KEY] == 8 and jit_report["epoch"] == 1.0  # epoch 1's metrics, not a new epoch
+
+    again = LocalSession(tmp_path / "preempted")
+    fit(cfg, again)
+    assert [m["epoch"] for m in again.history] == [2.0, 3.0]
+    assert again.history[0]["lr"] == pytest.approx(full.history[1]["lr"], rel=1e-6)  # epoch 2's first step's
+    steps = [read_checkpoint(s.latest_checkpoint())["scheduler"]["last_epoch"] for s in (full, again)]
+    assert steps[0] == steps[1] == 3 * 12  # the same optimiser steps as without the preemption: none repeated
+    assert all(math.isfinite(v) for m in again.history for v in m.values())
+
+
+def test_no_preemption_check_when_it_is_switched_off(tmp_path):
+    session = PreemptedSession(tmp_path, notice_at_ask=1)
+    fit(_cfg("epochs=1", "resources.preemption_check_steps=0"), session)
+    assert session.asks == 0 and [m["epoch"] for m in session.history] == [1.0]
 
 
 def test_batch_larger_than_dataset_is_rejected(tmp_path):

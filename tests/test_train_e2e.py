@@ -97,9 +97,11 @@ def test_mixem_stage_two_from_an_mlflow_run(ray_local, tracking_uri, tmp_path):
     (base_run,) = client.search_runs([exp_id])
 
     stage2 = f"mixem-{uuid.uuid4().hex[:8]}"
-    # Two workers: DDP over gloo, metrics all-reduced across ranks.
+    # Two workers: DDP over gloo, metrics all-reduced across ranks; both ask Ray Train for a
+    # preemption notice every 3 steps (a collective call, answered "none" here).
     assert cli.main(["train", "--preset", "mixem_digits", "epochs=2", "resources.num_workers=2", *common,
-                     "--run-name", stage2, "--init-from", base_run.info.run_id]) == 0
+                     "resources.preemption_check_steps=3", "--run-name", stage2,
+                     "--init-from", base_run.info.run_id]) == 0
     (run,) = client.search_runs([exp_id], filter_string=f"tags.`clusterlab.run_name` = '{stage2}'")
     assert run.info.status == "FINISHED"
     assert run.data.tags["init_from"] == base_run.info.run_id and run.data.tags["method"] == "mixem"
@@ -108,6 +110,7 @@ def test_mixem_stage_two_from_an_mlflow_run(ray_local, tracking_uri, tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     for key in ("maxcomp_acc", "kmeans_mixinit_acc", "kmeans_norm_acc"):
         assert 0.0 <= run.data.metrics[key] <= 1.0
+    assert "clusterlab.preemption_checkpoint" not in run.data.tags  # no notice, no mid-epoch checkpoint
     assert "plots/component_usage.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import secrets
 import shutil
@@ -47,6 +48,7 @@ from mlflow.tracking import MlflowClient
 
 import servers
 from servers import BIN, SHORT_TMP, free_port, stop_groups, tail
+from runs import run_named
 from test_datasets import write_cifar10
 
 # `make test-faults` runs this module (Makefile: the two-node cluster is left out of `make test`).
@@ -82,9 +84,9 @@ def _wait(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, what
 
 
 @contextlib.contextmanager
-def two_node_ray(homes: dict[str, Path]) -> Iterator[str]:
+def two_node_ray(homes: dict[str, Path]) -> Iterator[tuple[str, str]]:
     """Head (`head_node` resource, HOME ``homes["head"]``) + worker (`worker_node`, HOME
-    ``homes["worker"]``), 2 logical CPUs each -> dashboard URL."""
+    ``homes["worker"]``), 2 logical CPUs each -> (dashboard URL, GCS address)."""
     temp = Path(tempfile.mkdtemp(prefix="cl2n-", dir=SHORT_TMP))  # short: Ray's socket paths live under it
     gcs, dashboard = free_port(), free_port()
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats",
@@ -112,7 +114,7 @@ def two_node_ray(homes: dict[str, Path]) -> Iterator[str]:
         start("worker", ["--address", f"127.0.0.1:{gcs}", "--resources", '{"worker_node": 1}',
                          "--dashboard-agent-listen-port", str(free_port())])
         _wait(lambda: len(_alive_nodes(url)) == 2, procs[1], temp / "worker.log", "two alive nodes", 180)
-        yield url
+        yield url, f"127.0.0.1:{gcs}"
     finally:
         stop_groups(procs[::-1])  # worker node first, then the head
         # Anything of this cluster that left its process group: its command line names our temp dir.
@@ -163,6 +165,7 @@ def _finished_job(dashboard: str, submission_id: str, timeout_s: float) -> tuple
 class Live:
     tracking_uri: str
     dashboard: str
+    gcs: str  # the GCS address, for `ray drain-node`
     homes: dict[str, Path]  # the HOME of each node's Ray processes, by "head" / "worker"
     node_by_resource: dict[str, str]  # "head_node" / "worker_node" -> Ray node id
     ip_by_node: dict[str, str]  # Ray node id -> the node's IP as Ray reports it
@@ -183,7 +186,7 @@ def live(tmp_path_factory) -> Iterator[Live]:
             backend = stack.enter_context(servers.postgres())
             _stage(t0, "postgres up")
             server = stack.enter_context(servers.mlflow_server(backend, work))
-            dashboard = stack.enter_context(two_node_ray(homes))  # while the MLflow server starts
+            dashboard, gcs = stack.enter_context(two_node_ray(homes))  # while the MLflow server starts
             server.wait_healthy()
             _stage(t0, "mlflow server and two-node ray cluster up")
             nodes = _alive_nodes(dashboard)
@@ -191,7 +194,8 @@ def live(tmp_path_factory) -> Iterator[Live]:
                                 if r in n["resources_total"]}
             assert len(nodes) == 2 and set(node_by_resource) == {"head_node", "worker_node"}, nodes
             assert node_by_resource["head_node"] != node_by_resource["worker_node"]
-            yield Live(server.url, dashboard, homes, node_by_resource, {n["node_id"]: n["node_ip"] for n in nodes})
+            yield Live(server.url, dashboard, gcs, homes, node_by_resource,
+                       {n["node_id"]: n["node_ip"] for n in nodes})
     except servers.Unavailable as exc:
         servers.skip_loudly("two-node live test", str(exc))
 
@@ -295,3 +299,52 @@ def test_dataset_missing_on_one_node_fails_once_before_training(live, tmp_path):
     assert exp is None or client.search_runs([exp.experiment_id]) == []
     for sign in ("restarting from its latest checkpoint", "max_failures=3)", "Traceback", "RayTrainWorker"):
         assert sign not in logs, (sign, logs[-5000:])
+
+
+@pytest.mark.reliability("a spot node's preemption notice (ray drain-node, reason PREEMPTION) mid-training",
+                         "the run's workers on that node checkpoint the epoch so far at once (tag "
+                         "clusterlab.preemption_checkpoint: epoch, step), training goes on, the job SUCCEEDED, "
+                         "the run FINISHED with every epoch step once")
+def test_a_preemption_notice_checkpoints_inside_the_epoch_and_training_goes_on(live, tmp_path):
+    """Last in this module: it leaves the worker node draining (refusing new work) until the
+    cluster stops. The drain is what a cloud's reclaim notice does through Ray's autoscaler;
+    the node is not killed here (Ray Train would restart the run from the checkpoint)."""
+    t0 = time.monotonic()
+    experiment, run_name = "preemption-notice", "spot-worker"
+    command = ["train", "--preset", "simclr_digits", "epochs=40", "batch_size=64", "model.cnn_width=8",
+               "optim.warmup_epochs=0", "eval.kmeans_n_init=2", "eval.raw_pixels_baseline=false",
+               "resources.custom_resources={worker_node: 1}", "resources.preemption_check_steps=2",
+               f"tracking.experiment={experiment}", f"storage_path={tmp_path / 'ray'}", "--run-name", run_name]
+    submitted = _submit(live.dashboard, live.tracking_uri, command, tmp_path, 120, "preemption-notice")
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    client = MlflowClient(live.tracking_uri)
+
+    def training_on_the_worker() -> bool:
+        run = run_named(client, experiment, run_name)
+        return run is not None and len(client.get_metric_history(run.info.run_id, "lr")) >= 2
+
+    deadline = time.monotonic() + 300
+    while not training_on_the_worker():
+        status = _dashboard_get(live.dashboard, "/api/jobs/preemption-notice")["status"]
+        assert status in ("PENDING", "RUNNING") and time.monotonic() < deadline, status
+        time.sleep(1)
+    run = run_named(client, experiment, run_name)
+    worker = live.node_by_resource["worker_node"]
+    assert run.data.tags["clusterlab.node_id"] == worker
+    drained = subprocess.run([str(BIN / "ray"), "drain-node", "--address", live.gcs, "--node-id", worker,
+                              "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+                              "--deadline-remaining-seconds", "3600"],
+                             capture_output=True, text=True, timeout=60, env=RAY_ENV)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    _stage(t0, "worker node drained (preemption)")
+
+    status, logs = _finished_job(live.dashboard, "preemption-notice", 600)
+    (tmp_path / "job.log").write_text(logs)
+    _stage(t0, f"job {status}")
+    assert status == "SUCCEEDED", logs[-5000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert re.fullmatch(r"epoch \d+ step \d+", run.data.tags.get("clusterlab.preemption_checkpoint", "")), \
+        (run.data.tags, logs[-5000:])
+    assert "preemption notice: checkpointing epoch" in logs
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == list(range(1, 41))

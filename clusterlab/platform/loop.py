@@ -14,6 +14,8 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +34,22 @@ from clusterlab.trainers.optim import build_optimizer, build_scheduler
 
 
 log = logging.getLogger(__name__)
+
+#: in a report's metrics: the checkpoint is one taken inside an epoch on a preemption notice, at
+#: this step (its other metrics are the last finished epoch's); not an epoch's result
+PREEMPTION_STEP_KEY = "preemption_checkpoint_step"
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """How far an epoch got when a preemption notice checkpointed it: the training steps done,
+    the sums of their loss terms and stats, and the seconds spent, so that the restarted run
+    continues that epoch at the next step and reports the epoch's means over all its steps."""
+
+    step: int
+    sums: dict[str, float]
+    seconds: float
+    lr: float  # at the epoch's first step, as the epoch's metrics report it
 
 
 class PermanentTrainingError(RuntimeError):
@@ -74,7 +92,11 @@ class TrainSession(Protocol):
         """Directory of the checkpoint to resume from, if any."""
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        """Publish one epoch's metrics (all ranks) and rank 0's checkpoint directory."""
+        """Publish one epoch's metrics (all ranks) and rank 0's checkpoint directory; with
+        :data:`PREEMPTION_STEP_KEY` in ``metrics``, a checkpoint taken inside an epoch."""
+
+    def preemption_notice(self) -> bool:
+        """Whether a node of the run is about to be preempted (every rank asks at the same steps)."""
 
 
 class LocalSession:
@@ -95,10 +117,14 @@ class LocalSession:
         found = sorted(self.directory.glob("epoch_*"))
         return found[-1] if found else None
 
+    def preemption_notice(self) -> bool:
+        return False  # one process on one machine: nothing preempts it in advance
+
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         self.history.append(metrics)
         if checkpoint_dir is not None:
-            target = self.directory / f"epoch_{int(metrics['epoch']):04d}"
+            step = f"_step_{int(metrics[PREEMPTION_STEP_KEY]):06d}" if PREEMPTION_STEP_KEY in metrics else ""
+            target = self.directory / f"epoch_{int(metrics['epoch']):04d}{step}"  # sorts between the epochs
             target.mkdir(parents=True, exist_ok=False)
             for f in checkpoint_dir.iterdir():
                 f.replace(target / f.name)
@@ -121,13 +147,18 @@ def _autocast(device: torch.device, perf: PerformanceConfig) -> Any:
 
 def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, batches: torch.Tensor,
                device: torch.device, optimizer: torch.optim.Optimizer | None, scheduler: Any,
-               epoch: int, perf: PerformanceConfig) -> dict[str, torch.Tensor]:
-    """One pass over ``batches``; returns per-step means of the total loss (``loss``), each
-    term (``loss_<term>``) and each stat, still on the device (no host sync). ``perf`` picks
-    the fast paths (bf16 autocast, channels_last views)."""
+               epoch: int, perf: PerformanceConfig, progress: EpochProgress | None = None,
+               after_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+    """One pass over ``batches`` (from ``progress.step`` on, continuing its sums, when a
+    checkpoint taken inside the epoch is resumed); returns per-step means of the total loss
+    (``loss``), each term (``loss_<term>``) and each stat, still on the device (no host sync).
+    ``perf`` picks the fast paths (bf16 autocast, channels_last views); ``after_step(steps
+    done, sums)`` is called after every training step."""
     channels_last = perf.enabled("channels_last", device.type)
-    sums: dict[str, torch.Tensor] = {}
-    for i, idx in enumerate(batches):
+    sums: dict[str, torch.Tensor] = {name: torch.tensor(value, device=device)
+                                     for name, value in (progress.sums if progress else {}).items()}
+    for i in range(progress.step if progress else 0, len(batches)):
+        idx = batches[i]
         if optimizer is not None:
             method.set_progress(epoch + i / len(batches))
         views = method.make_views(images[idx.to(device, non_blocking=True)])
@@ -146,6 +177,8 @@ def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, bat
         for name, value in step.items():
             value = value.detach().float()
             sums[name] = sums[name] + value if name in sums else value
+        if after_step is not None:
+            after_step(i + 1, sums)
     return {name: value / len(batches) for name, value in sums.items()}
 
 
@@ -211,6 +244,7 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
 
     start_epoch = 0
     history: list[dict[str, float]] = []  # every epoch's metrics so far, carried in each checkpoint
+    progress: EpochProgress | None = None  # how far a checkpoint taken inside an epoch got
     resume_dir = session.latest_checkpoint()
     if resume_dir is not None:
         state = read_checkpoint(resume_dir)
@@ -219,6 +253,7 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epochs_done"]
         history = read_history(resume_dir)
+        progress = EpochProgress(**state["epoch_progress"]) if "epoch_progress" in state else None
     else:
         if cfg.init_from:
             load_backbone(method, read_checkpoint(cfg.init_from))
@@ -238,13 +273,17 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
     val_batch = min(cfg.batch_size, len(splits.val) // world * world)
     val_batches = (_shard_indices(len(splits.val), val_batch, 0, cfg.seed, rank, world)
                    if val_batch >= 2 * world else None)
+    checkpoint = partial(_checkpoint, session, method=method, optimizer=optimizer, scheduler=scheduler, meta=meta)
+    watch = _PreemptionWatch(session, cfg.resources.preemption_check_steps, checkpoint, history)
     for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - (progress.seconds if progress else 0.0)
         model.train()
         batches = _shard_indices(len(splits.train), cfg.batch_size, epoch, cfg.seed, rank, world)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = progress.lr if progress else optimizer.param_groups[0]["lr"]  # at the epoch's first step
+        watch.start(epoch, t0, lr)
         train = _mean_over_workers(_run_epoch(method, model, train_images, batches, device, optimizer, scheduler,
-                                              epoch, perf), world)
+                                              epoch, perf, progress, watch), world)
+        progress = None
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = {"epoch": float(epoch + 1), "lr": lr, "epoch_seconds": seconds,
                                      "images_per_second": len(batches) * cfg.batch_size / seconds}
@@ -261,13 +300,51 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
                                      "(loss.weights.*), or check the data")
 
         history.append(metrics)
+        checkpoint(metrics, epochs_done=epoch + 1, history=history)
         if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, method=method, optimizer=optimizer, scheduler=scheduler,
-                                epochs_done=epoch + 1, meta=meta, history=history)
-                session.report(metrics, Path(tmp))
             # A logger, not print: Ray Train tees print() to two streams in its workers.
             log.info("epoch %d/%d  %s", epoch + 1, cfg.epochs,
                      "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        else:
-            session.report(metrics, None)
+
+
+def _checkpoint(session: TrainSession, metrics: dict[str, float], *, method: Method,
+                optimizer: torch.optim.Optimizer, scheduler: Any, meta: DataMeta, epochs_done: int,
+                history: list[dict[str, float]], progress: EpochProgress | None = None) -> None:
+    """Every rank reports ``metrics``; rank 0 writes the checkpoint and hands it over with them."""
+    if session.world_rank != 0:
+        session.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, method=method, optimizer=optimizer, scheduler=scheduler, epochs_done=epochs_done,
+                        meta=meta, history=history, epoch_progress=asdict(progress) if progress else None)
+        session.report(metrics, Path(tmp))
+
+
+class _PreemptionWatch:
+    """Called after every training step: every ``every`` steps it asks the session whether a
+    node of the run is about to be preempted (a collective: every rank asks at the same
+    steps), and on the attempt's first notice checkpoints the epoch so far at once, so that the
+    run Ray Train restarts loses at most ``every`` steps rather than the epoch (Ray 2.60's
+    ``ray.train.get_preemption_info``). Training goes on until the node is gone."""
+
+    def __init__(self, session: TrainSession, every: int, checkpoint: Callable[..., None],
+                 history: list[dict[str, float]]) -> None:
+        self.session, self.every, self.checkpoint, self.history = session, every, checkpoint, history
+        self.saved = False
+        self.epoch, self.t0, self.lr = 0, 0.0, 0.0
+
+    def start(self, epoch: int, t0: float, lr: float) -> None:
+        self.epoch, self.t0, self.lr = epoch, t0, lr
+
+    def __call__(self, steps_done: int, sums: dict[str, torch.Tensor]) -> None:
+        if self.saved or not self.every or steps_done % self.every or not self.session.preemption_notice():
+            return
+        self.saved = True
+        # The workers' mean sums: every rank resumes from them, and the epoch's mean over workers
+        # comes out as if nothing had happened.
+        progress = EpochProgress(steps_done, _mean_over_workers(sums, self.session.world_size),
+                                 time.perf_counter() - self.t0, self.lr)
+        last = self.history[-1] if self.history else {"epoch": float(self.epoch)}
+        log.warning("preemption notice: checkpointing epoch %d at step %d", self.epoch + 1, steps_done)
+        self.checkpoint({**last, PREEMPTION_STEP_KEY: float(steps_done)}, epochs_done=self.epoch,
+                        history=list(self.history), progress=progress)

@@ -2,8 +2,9 @@
 
 Following Ray 2.60's pattern for tuning Train runs, each Tune trial runs
 :func:`_trial_driver`, a plain function that creates (or, on resume, finds) the trial's MLflow
-child run, launches the trial's ``TorchTrainer`` with Tune's ``TuneReportCallback`` (so Tune
-sees every epoch's metrics and can stop a trial early), evaluates the final checkpoint with
+child run, launches the trial's ``TorchTrainer`` with Tune's ``TuneReportCallback``
+(:class:`~clusterlab.platform.tune_adapters.EpochReportCallback`: Tune sees every epoch's
+metrics and can stop a trial early), evaluates the final checkpoint with
 the K-means fan-out and reports the evaluation to Tune once more.
 
 Names are stable across ``--resume``: the Tune experiment is ``<storage>/<sweep name>``, a
@@ -63,7 +64,8 @@ def _tune_domain(domain: Domain) -> Any:
 def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """One Tune trial (runs in a Tune actor): child run -> Train run -> evaluation -> report."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from clusterlab.platform.tune_adapters import EpochReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{sweep['name']}-{trial_id}"
@@ -88,7 +90,7 @@ def _trial_driver(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     # The run ends with execute, FINISHED only after the metrics reached Tune. A trial the
     # scheduler stops (its actor torn down mid-call) leaves the run open for _settle_trials to
     # close from Tune's own record of what happened.
-    execute(ctx, progress=False, callbacks=[TuneReportCallback()], report=ray.tune.report)
+    execute(ctx, progress=False, callbacks=[EpochReportCallback()], report=ray.tune.report)
 
 
 def trial_display_name(params: dict[str, Any], trial_id: str) -> str:
@@ -269,7 +271,7 @@ def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, cluster: di
 @contextmanager
 def final_metric_checking(space: SearchSpace, method: str) -> Iterator[None]:
     """Let Tune accept epoch results without the search algorithm's metric while it runs, when
-    that metric is a final one (Optuna on an evaluation ACC, :mod:`optuna_search`): Tune's own
+    that metric is a final one (Optuna on an evaluation ACC, :mod:`tune_adapters`): Tune's own
     check, ``TUNE_DISABLE_STRICT_METRIC_CHECKING``, would otherwise fail the first epoch."""
     final_only = (isinstance(space.tune.search_alg, OptunaSearch)
                   and space.tune.metric not in spec_for(method).epoch_metrics())
@@ -309,7 +311,7 @@ def tune_config(space: SearchSpace, method: str, concurrency: int) -> Any:
     if isinstance(settings.search_alg, OptunaSearch):
         from ray.tune.search import ConcurrencyLimiter
 
-        from clusterlab.platform.optuna_search import FinalMetricOptunaSearch
+        from clusterlab.platform.tune_adapters import FinalMetricOptunaSearch
 
         search_alg = ConcurrencyLimiter(FinalMetricOptunaSearch(metric=settings.metric, mode=settings.mode,
                                                                 seed=settings.seed), max_concurrent=concurrency)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import platform
 import re
@@ -31,14 +32,17 @@ from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.environment import package_versions
 from clusterlab.platform import cluster, tracking
 from clusterlab.platform.interrupts import Interrupted, call_off_main_thread, reclaim_signals
-from clusterlab.platform.loop import PermanentTrainingError, fit
+from clusterlab.platform.loop import PREEMPTION_STEP_KEY, PermanentTrainingError, fit
 from clusterlab.redact import redact_text, redact_values
 from clusterlab.trainers.checkpoint import read_checkpoint, read_history
+
+log = logging.getLogger(__name__)
 
 # How long a finished (or failing) worker waits for queued metrics to reach the tracking store.
 METRICS_FLUSH_TIMEOUT_S = 900.0
 ATTEMPTS_TAG = "clusterlab.train_attempts"
 RESUMED_TAG = "clusterlab.resumed_from_epoch"
+PREEMPTION_TAG = "clusterlab.preemption_checkpoint"  # where the last preemption notice checkpointed
 
 
 class TrainingFailed(RuntimeError):
@@ -133,8 +137,20 @@ class RaySession:
 
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
-        if self._metrics is not None:
+        if PREEMPTION_STEP_KEY in metrics:  # not an epoch's metrics: a note on the run, if it can be made
+            if self._client is not None:
+                try:
+                    self._client.set_tag(self._run_id, PREEMPTION_TAG, f"epoch {int(metrics['epoch']) + 1} "
+                                         f"step {int(metrics[PREEMPTION_STEP_KEY])}")
+                except Exception as exc:  # the store is down: the checkpoint matters, the note does not
+                    log.warning("could not tag the preemption checkpoint: %s", exc)
+        elif self._metrics is not None:
             self._metrics.log(int(metrics["epoch"]), metrics)
+
+    def preemption_notice(self) -> bool:
+        import ray.train
+
+        return ray.train.get_preemption_info() is not None
 
     def close(self, timeout_s: float) -> None:
         """Deliver the queued metrics (training ends only when MLflow has every epoch), and the

@@ -64,8 +64,11 @@ def _plain(value: Any) -> Any:
 
 def save_checkpoint(directory: str | Path, *, method: Method, optimizer: torch.optim.Optimizer,
                     scheduler: Any, epochs_done: int, meta: DataMeta,
-                    history: list[dict[str, float]] | None = None) -> Path:
-    """Write the checkpoint (and ``history``, the per-epoch metrics so far) atomically."""
+                    history: list[dict[str, float]] | None = None,
+                    epoch_progress: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint (and ``history``, the per-epoch metrics so far) atomically.
+    ``epoch_progress``: for a checkpoint taken inside epoch ``epochs_done + 1`` (on a
+    preemption notice), how far that epoch got (``platform.loop.EpochProgress``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = _plain({
@@ -75,6 +78,7 @@ def save_checkpoint(directory: str | Path, *, method: Method, optimizer: torch.o
         "epochs_done": int(epochs_done),
         "config": method.cfg.model_dump(mode="json"),
         "meta": dict(meta.__dict__),
+        **({"epoch_progress": epoch_progress} if epoch_progress else {}),
     })
     _write_atomically(directory / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
     _write_atomically(directory / "config.yaml", lambda tmp: tmp.write_text(method.cfg.to_yaml()))
