@@ -188,18 +188,7 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = 
 
     import ray.tune
 
-    if resume == "auto":
-        resume = "yes" if parent is not None or cluster.exists(tune_dir) else None
-        print(f"--resume auto: sweep {name!r} " + ("exists; continuing it" if resume else "is new; starting it"),
-              flush=True)
-    if resume:
-        if parent is None or not ray.tune.Tuner.can_restore(tune_dir):
-            raise ConfigError(f"--resume: no interrupted sweep named {name!r} (MLflow experiment {name!r}, Tune "
-                              f"directory {tune_dir}); drop --resume to start it")
-    elif parent is not None or cluster.exists(tune_dir):
-        raise ConfigError(f"--experiment: a sweep named {name!r} already exists (MLflow experiment {name!r} / "
-                          f"{tune_dir}); its results are kept: pass --resume to continue it, or --experiment to start "
-                          "a new one")
+    resuming = _resume_or_start(resume, name, parent, tune_dir)
 
     base["init_from"] = connect(checked, address).cfg.init_from  # where every trial's workers read it
     if parent is None:
@@ -224,7 +213,7 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = 
              "tracking_uri": tracking_uri, "init_from": init_from, "source_tags": tracking.source_tags("sweep")}
     trainable = ray.tune.with_parameters(_trial_driver, sweep=sweep)
     try:
-        if resume:
+        if resuming:
             tuner = ray.tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
         else:
@@ -253,6 +242,26 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = 
         raise
     close_run(client, parent)
     return outcome
+
+
+def _resume_or_start(resume: str | None, name: str, parent: str | None, tune_dir: str) -> bool:
+    """Whether to resume the sweep (``--resume``; with ``auto``: when it exists), refused when
+    there is nothing to resume or, without ``--resume``, when the name is taken (ConfigError)."""
+    import ray.tune
+
+    exists = parent is not None or cluster.exists(tune_dir)
+    if resume == "auto":
+        resume = "yes" if exists else None
+        print(f"--resume auto: sweep {name!r} " + ("exists; continuing it" if resume else "is new; starting it"),
+              flush=True)
+    if resume and (parent is None or not ray.tune.Tuner.can_restore(tune_dir)):
+        raise ConfigError(f"--resume: no interrupted sweep named {name!r} (MLflow experiment {name!r}, Tune "
+                          f"directory {tune_dir}); drop --resume to start it")
+    if not resume and exists:
+        raise ConfigError(f"--experiment: a sweep named {name!r} already exists (MLflow experiment {name!r} / "
+                          f"{tune_dir}); its results are kept: pass --resume to continue it, or --experiment to start "
+                          "a new one")
+    return bool(resume)
 
 
 def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
