@@ -139,3 +139,19 @@ def test_a_sweep_draws_from_the_runs_and_grid_it_holds_as_the_standalone_command
     held = grid_cells(children, *axes, metric, grid, "hm")
     assert [(c.facet, c.x, c.y, c.n, c.status) for c in held] == [(c.facet, c.x, c.y, c.n, c.status) for c in read]
     assert [c.mean for c in held if c.status == "ok"] == [c.mean for c in read if c.status == "ok"]
+
+
+def test_a_sweeps_failed_trials_include_those_that_never_created_a_run(sweep_store, tmp_path):
+    """16 trials ran (the grid): 12 children FINISHED, 2 FAILED, and the 2 of the missing cell
+    died before creating their runs (a worker that could not start): 4 failed, not 2."""
+    from clusterlab.platform.sweep import _summarise
+    from clusterlab.search_space import load_search_space
+
+    client, _ = sweep_store
+    (tmp_path / "space.yaml").write_text(SPACE)
+    space, _, _ = load_search_space(tmp_path / "space.yaml")
+    exp = client.get_experiment_by_name("hm").experiment_id
+    (parent,) = [r.info.run_id for r in client.search_runs([exp]) if r.data.tags.get("clusterlab.role") == "parent"]
+    result = _summarise(client, exp, parent, space, "hm", "mixem", tmp_path / "hm.png", trials=16)
+    assert (result.trials, result.failed) == (16, 4)
+    assert client.get_run(parent).data.metrics["failed_trials"] == 4

@@ -175,6 +175,8 @@ def test_grid_sweep_interrupted_killed_and_resumed(ray_local, tmp_path, capsys):
                                                       for k in ("push", "pull")]
         assert shown[3] == child.data.tags["clusterlab.trial_id"]
         assert child.data.tags["mlflow.source.name"] == "clusterlab sweep"
+        assert child.data.tags["git_commit"] == child.data.tags["mlflow.source.git.commit"] == \
+            parents[0].data.tags["git_commit"]  # the sweep's commit, not whatever a trial found checked out
     assert parent.data.tags["mlflow.source.name"] == "clusterlab sweep" and "mlflow.user" in parent.data.tags
     grid = Counter((c.data.params["loss.weights.push"], c.data.params["loss.weights.pull"]) for c in children)
     assert grid == Counter({("0.0", "0.0"): 1, ("0.0", NAN_WEIGHT): 1, ("0.1", "0.0"): 1, ("0.1", NAN_WEIGHT): 1})

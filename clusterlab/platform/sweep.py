@@ -189,13 +189,16 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = 
     import ray.tune
 
     resuming = _resume_or_start(resume, name, parent, tune_dir)
+    # The driver's user and commit, for the parent and every trial (trials may run as another
+    # user on other nodes, and start after the checkout moved on).
+    source = tracking.source_tags("sweep")
 
     base["init_from"] = connect(checked, address).cfg.init_from  # where every trial's workers read it
     if parent is None:
         parent = client.create_run(experiment_id, run_name=name, tags={
             SWEEP_TAG: name, ROLE_TAG: "parent", "method": base_cfg.method, "dataset": base_cfg.data.name,
-            "git_commit": tracking.git_commit(), tracking.OWNER_TAG: tracking.owner(),
-            **tracking.source_tags("sweep"), **tracking.user_tags(base_cfg),
+            "git_commit": source.get(tracking.GIT_COMMIT_TAG, "unknown"), tracking.OWNER_TAG: tracking.owner(),
+            **source, **tracking.user_tags(base_cfg),
             **({"init_from": redact_uri(init_from)} if init_from else {})}).info.run_id
         client.log_text(parent, redact_text(text), "search_space.yaml")
         client.log_text(parent, base_cfg.to_yaml(), "base_config.yaml")
@@ -208,9 +211,8 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = 
         print(f"resuming sweep {name!r}: finished trials are kept, unfinished ones continue from their checkpoints"
               + (f" ({len(died)} runs whose process had died marked FAILED)" if died else ""), flush=True)
 
-    # The driver's user and commit: trials may run as another user on other nodes.
     sweep = {"name": name, "base": base, "experiment_id": experiment_id, "parent_run_id": parent,
-             "tracking_uri": tracking_uri, "init_from": init_from, "source_tags": tracking.source_tags("sweep")}
+             "tracking_uri": tracking_uri, "init_from": init_from, "source_tags": source}
     trainable = ray.tune.with_parameters(_trial_driver, sweep=sweep)
     try:
         if resuming:
@@ -232,7 +234,7 @@ def run_sweep(plan: SweepPlan, address: str | None = None, resume: str | None = 
             raise stopped_by() or Interrupted(signal.SIGINT)
         _settle_trials(client, tracking_uri, experiment_id, parent, base, results)
         outcome = _summarise(client, experiment_id, parent, space, name, base_cfg.method,
-                             storage_dir(base_cfg) / f"{name}_heatmap.png")
+                             storage_dir(base_cfg) / f"{name}_heatmap.png", trials=len(results))
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             for run in _child_runs(client, experiment_id, parent):  # their trials were stopped with the sweep
@@ -332,8 +334,10 @@ def tune_config(space: SearchSpace, method: str, concurrency: int) -> Any:
 
 
 def _summarise(client: tracking.MlflowClient, experiment_id: str, parent: str, space: SearchSpace, name: str,
-               method: str, heatmap_out: Path) -> SweepResult:
-    """Best trial's params and metrics onto the parent run, and the heatmap for weight grids."""
+               method: str, heatmap_out: Path, trials: int) -> SweepResult:
+    """Best trial's params and metrics onto the parent run, and the heatmap for weight grids.
+    ``trials``: how many Tune ran; every one without a FINISHED child run failed, including a
+    trial that died before it could create its run."""
     from clusterlab.platform.heatmap import grid_cells, write_heatmap
 
     children = _child_runs(client, experiment_id, parent)
@@ -353,7 +357,7 @@ def _summarise(client: tracking.MlflowClient, experiment_id: str, parent: str, s
         grid = {key: space.search[key].grid or [] for key in space.grid_keys()}
         cells = grid_cells(children, *axes, metric, grid, name)
         heatmap = write_heatmap(cells, *axes, metric, name, heatmap_out, client, parent)
-    failed = sum(r.info.status == "FAILED" for r in children)
+    failed = trials - sum(r.info.status == "FINISHED" for r in children)
     client.log_metric(parent, "failed_trials", failed)
     return SweepResult(name, experiment_id, parent, best.info.run_id if best else None, best_params, best_metrics,
-                       len(children), failed, heatmap)
+                       trials, failed, heatmap)

@@ -40,6 +40,7 @@ TRIAL_TAG = "clusterlab.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests runs carrying this tag under the parent in its UI
 NODE_TAG = "clusterlab.node_id"  # Ray node id of the rank-0 training worker (its latest start)
 NODE_IP_TAG = "clusterlab.node_ip"
+GIT_COMMIT_TAG = mlflow_tags.MLFLOW_GIT_COMMIT  # MLflow's own, which its UI shows as Version
 VERSION_TAG_PREFIX = "clusterlab.version."  # + package: the versions the training workers ran
 HARDWARE_TAG = "clusterlab.hardware"  # "<workers> x <device>" of the latest start (clusterlab report shows it)
 OWNER_TAG = "clusterlab.owner"  # "<host>/<pid>/<process start time>" of the process that ends the run
@@ -141,7 +142,7 @@ def source_tags(command: str) -> dict[str, str]:
             mlflow_tags.MLFLOW_SOURCE_TYPE: "LOCAL"}
     commit = git_commit()
     if commit != "unknown":
-        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit
+        tags[GIT_COMMIT_TAG] = commit
     return tags
 
 
@@ -280,13 +281,14 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
         "method": cfg.method,
         "dataset": cfg.data.name,
         "protocol": cfg.data.protocol,
-        "git_commit": git_commit(),
         OWNER_TAG: owner(),
         HEARTBEAT_TAG: f"{time.time():.0f}",
         **source_tags("train"),
         **user_tags(cfg),
         **{k: redact_uri(v) for k, v in (extra_tags or {}).items()},  # e.g. init_from, maybe a URI
     }
+    # One commit per run: a trial's is its sweep's (the driver's), as in mlflow.source.git.commit.
+    tags["git_commit"] = tags.get(GIT_COMMIT_TAG, "unknown")
     run = client.create_run(exp_id, run_name=display_name or run_name, tags=tags)
     run_id = run.info.run_id
     items = list(params.items())
