@@ -295,7 +295,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
             "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {redact_uri(uri)}); Ctrl+C stops it", flush=True)
+    # MLflow 3 opens in its GenAI view; the runs, sweeps and charts are under "Model training".
+    print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning "
+          f"(store {redact_uri(uri)}); Ctrl+C stops it", flush=True)
     os.execv(sys.executable, argv)
     return 0  # not reached
 
