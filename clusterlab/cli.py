@@ -12,8 +12,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, load_config
 from clusterlab import __version__
+from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, load_config
 from clusterlab.data.datasets import DATASETS
 from clusterlab.methods import SPECS, result_rows
 from clusterlab.platform.preflight import check_inputs
