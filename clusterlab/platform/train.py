@@ -82,6 +82,15 @@ def hardware_description(device: torch.device, world_size: int) -> str:
     return f"{world_size} x CPU ({model}, {torch.get_num_threads()} of {os.cpu_count()} cores)"
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train 2.60 logs every report (metrics and checkpoint path) at INFO under a logger
+    named by its source file, outside ``ray.train``, so ``LoggingConfig`` does not reach it;
+    the worker's own epoch line says the same in one line."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 class RaySession:
     """:class:`~clusterlab.platform.loop.TrainSession` inside a Ray Train worker."""
 
@@ -90,6 +99,7 @@ class RaySession:
 
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        _quiet_report_lines()
         self.device = ray.train.torch.get_device()
         # Ray starts workers with OMP_NUM_THREADS=1; use the CPUs this worker reserved.
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
