@@ -232,11 +232,27 @@ def check_space(space: SearchSpace, base: dict[str, Any], label: str) -> None:
                           f"{probe.epochs} epochs a trial trains; set max_t <= epochs")
 
 
+#: the search spaces shipped beside the package (a checkout, or the node image's copy)
+SHIPPED_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def find_search_space(path: str | Path) -> Path:
+    """``path`` if it is a file, else the shipped space it names from any directory
+    (``search_spaces/NAME.yaml``, ``NAME.yaml`` or ``NAME``); ConfigError listing them otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("search_spaces")):
+        for candidate in (SHIPPED_SPACES / path.name, SHIPPED_SPACES / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    shipped = ", ".join(sorted(p.stem for p in SHIPPED_SPACES.glob("*.yaml")))
+    raise ConfigError(f"search space {path} does not exist; shipped ones (by name, from anywhere): {shipped or 'none'}")
+
+
 def load_search_space(path: str | Path, extra_overrides: Sequence[str] = ()) -> tuple[SearchSpace, dict[str, Any], str]:
     """Read and validate a search-space file -> (space, raw base config, the file's text)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space {path} does not exist (shipped ones are in search_spaces/)")
+    path = find_search_space(path)
     text = path.read_text()
     data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):

@@ -9,7 +9,7 @@ import pytest
 from clusterlab import cli
 from clusterlab.config import ConfigError
 from clusterlab.platform.sweep import heatmap_axes
-from clusterlab.search_space import grid_points, load_search_space, trial_config
+from clusterlab.search_space import find_search_space, grid_points, load_search_space, trial_config
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 # MIX'EM supplementary Table 1: (lambda_2, lambda_3, lambda_4) per dataset, lambda_1 = 1.
@@ -165,3 +165,18 @@ def test_optuna_learns_from_a_metric_only_the_trials_last_result_carries(ray_loc
     study = settings.search_alg.searcher._ot_study
     told = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert told == sorted(r.metrics["kmeans_norm_acc"] for r in results)
+
+
+@pytest.mark.parametrize("given", ["search_spaces/mixem_loss_weights_digits.yaml", "mixem_loss_weights_digits.yaml",
+                                   "mixem_loss_weights_digits"])
+def test_a_shipped_space_is_found_by_name_from_any_directory(given, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the README's tour may be run from anywhere
+    assert find_search_space(given) == SPACES / "mixem_loss_weights_digits.yaml"
+
+
+def test_an_unknown_space_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="search space nope.yaml does not exist; shipped ones .*simclr_lr_digits"):
+        find_search_space("nope.yaml")
+    (tmp_path / "mine.yaml").write_text("x: 1\n")
+    assert find_search_space("mine.yaml") == Path("mine.yaml")  # a file of the user's own comes first
