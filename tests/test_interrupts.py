@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from clusterlab.platform.interrupts import (
     Interrupted,
+    around_ray_init,
     as_interrupted,
     call_off_main_thread,
     catch_signals,
@@ -75,6 +76,23 @@ def test_a_signal_swallowed_where_exceptions_are_only_reported_is_raised_at_the_
         reclaim_signals()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_swallowed_inside_ray_init_is_delivered_again_until_it_interrupts():
+    """What hung a command whose ray.init then blocked on a Ray killed by the same signal: the
+    swallowed signal comes back to the main thread while it is still blocked inside."""
+    import ray._private.utils as ray_utils
+
+    install = ray_utils.set_sigterm_handler
+    started = time.monotonic()
+    with pytest.raises(Interrupted) as caught, catch_signals(), around_ray_init(interval_s=0.2):
+        ray_utils.set_sigterm_handler(lambda signum, frame: None)  # ray.init's first step: kept out
+        assert signal.getsignal(signal.SIGTERM).__name__ == "_raise_interrupted"  # ours stays
+        _SignalledWhileCollected()  # the signal lands where its Interrupted is only reported
+        time.sleep(30)  # blocked, as on a dead GCS: only a delivery again ends it
+    assert caught.value.signum == signal.SIGINT and time.monotonic() - started < 10
+    assert ray_utils.set_sigterm_handler is install  # Ray's own installer is back for everyone else
+
+
 def test_a_plain_keyboard_interrupt_is_a_sigint():
     assert as_interrupted(KeyboardInterrupt()).exit_code == 130
 
@@ -119,6 +137,17 @@ def test_a_sweep_signalled_before_tune_listens_is_interrupted_at_once():
             _wait_for_signal()
     finally:
         signal.signal(signal.SIGUSR1, previous_usr1)
+
+
+def _started(proc: subprocess.Popen, name: str) -> bool:
+    """Whether a process of the command runs ``name`` (short-lived ones may be gone or zombies)."""
+    for child in descendants(proc.pid):
+        try:
+            if name in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:
+            pass
+    return False
 
 
 def _interrupt(proc: subprocess.Popen, ready, signum: int, what: str) -> str:
@@ -180,7 +209,7 @@ def test_an_interrupt_at_any_phase_ends_the_run_killed_and_the_same_command_resu
 
     # 1. Start-up: Ray's own processes are being started (ray.init installs its SIGTERM handler).
     proc = start()
-    out = _interrupt(proc, lambda: any("gcs_server" in " ".join(p.cmdline()) for p in descendants(proc.pid)),
+    out = _interrupt(proc, lambda: _started(proc, "gcs_server"),
                      start_up, "Ray starting")
     assert proc.returncode == 128 + start_up, out[-3000:]
     run = run_named(client, "interrupts", "stopped")

@@ -104,6 +104,37 @@ def reclaim_signals() -> None:
         raise_if_interrupted()
 
 
+@contextmanager
+def around_ray_init(interval_s: float = 1.0) -> Iterator[None]:
+    """Around ``ray.init`` in the main thread, inside :func:`catch_signals`. ``ray.init`` first
+    installs its own SIGTERM handler (``sys.exit``), then spawns its processes; a signal landing
+    in one of its at-fork hooks has its exception swallowed ("Exception ignored"), and the command
+    then waits forever on a Ray whose processes died with the signal. So ``ray.init`` is kept
+    from installing that handler (``ray._private.utils.set_sigterm_handler``, which it calls):
+    ours stays and remembers the signal; and a remembered signal is sent to the main thread
+    again every ``interval_s`` seconds until its :class:`Interrupted` propagates."""
+    import ray._private.utils as ray_utils
+
+    main = threading.main_thread()
+    if not _catching or threading.current_thread() is not main:
+        yield
+        return
+    done = threading.Event()
+
+    def redeliver() -> None:
+        while not done.wait(interval_s):
+            if _received is not None and not done.is_set():
+                signal.pthread_kill(main.ident, _received)
+
+    install, ray_utils.set_sigterm_handler = ray_utils.set_sigterm_handler, lambda handler: None
+    threading.Thread(target=redeliver, name="clusterlab-redeliver", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+        ray_utils.set_sigterm_handler = install
+
+
 def call_off_main_thread(fn: Callable[[], T]) -> T:
     """``fn()`` in a helper thread while the main thread waits, so that the signals keep
     raising :class:`Interrupted` in the main thread (Ray Train's ``fit`` installs its own SIGINT

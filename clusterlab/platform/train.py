@@ -31,7 +31,7 @@ import torch
 from clusterlab.config import ConfigError, ExperimentConfig, build_config
 from clusterlab.environment import package_versions
 from clusterlab.platform import cluster, tracking
-from clusterlab.platform.interrupts import Interrupted, call_off_main_thread, reclaim_signals
+from clusterlab.platform.interrupts import Interrupted, around_ray_init, call_off_main_thread, reclaim_signals
 from clusterlab.platform.loop import PREEMPTION_STEP_KEY, PermanentTrainingError, fit
 from clusterlab.redact import redact_text, redact_values
 from clusterlab.trainers.checkpoint import read_checkpoint, read_history
@@ -241,12 +241,13 @@ def init_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        if address != "local":
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # More logical CPUs than cores: on 2 cores Train's placement groups otherwise starve
-            # and hang (DESIGN.md, measured).
-            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+        with around_ray_init():  # a signal lost in ray.init's at-fork hooks comes again
+            if address != "local":
+                ray.init(address=address, log_to_driver=True)
+            else:
+                # More logical CPUs than cores: on 2 cores Train's placement groups otherwise starve
+                # and hang (DESIGN.md, measured).
+                ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
     except SystemExit:  # only ray.init's own SIGTERM handler exits from inside ray.init
         raise Interrupted(signal.SIGTERM) from None
     finally:
