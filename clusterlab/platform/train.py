@@ -248,10 +248,10 @@ def init_ray(address: str | None) -> None:
                 # More logical CPUs than cores: on 2 cores Train's placement groups otherwise starve
                 # and hang (DESIGN.md, measured).
                 ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
-    except SystemExit:  # only ray.init's own SIGTERM handler exits from inside ray.init
+    except SystemExit:  # ray.init's own SIGTERM handler (installed outside catch_signals)
         raise Interrupted(signal.SIGTERM) from None
     finally:
-        reclaim_signals()  # ray.init replaced the SIGTERM handler with one that exits 1
+        reclaim_signals()  # ours again, and a signal swallowed during ray.init raised
 
 
 def check_cluster_resources(cfg: ExperimentConfig) -> None:
