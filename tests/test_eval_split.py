@@ -12,7 +12,7 @@ from clusterlab.config import load_config
 from clusterlab.data.datasets import load_split
 from clusterlab.eval.kmeans import batched_kmeans
 from clusterlab.platform import evaluate as evaluate_module
-from clusterlab.platform.evaluate import EVAL_SPLIT_TAG, evaluate_checkpoint, log_evaluation, split_features
+from clusterlab.platform.evaluate import EVAL_SPLIT_TAG, evaluate_checkpoint, log_evaluation
 from clusterlab.platform.fanout import FanoutResult, _merge
 from clusterlab.platform.loop import LocalSession, fit
 
@@ -62,16 +62,3 @@ def test_split_all_evaluates_train_plus_test_from_the_two_feature_files(tmp_path
     log_evaluation(client, run_id, on_all)
     run = client.get_run(run_id).data
     assert run.tags[EVAL_SPLIT_TAG] == "all" and run.metrics["eval_images"] == n_train + n_test
-
-
-def test_split_features_concatenates_train_then_test():
-    train = {"label": np.array([0, 1]), "representation": np.zeros((2, 3), np.float32)}
-    test = {"label": np.array([2]), "representation": np.ones((1, 3), np.float32)}
-    assert split_features("test", test, train) is test
-    both = split_features("all", test, train)
-    assert both["label"].tolist() == [0, 1, 2] and both["representation"].shape == (3, 3)
-    assert both["representation"][2].tolist() == [1.0, 1.0, 1.0]
-    with pytest.raises(ValueError, match="different columns"):
-        split_features("all", test, {"label": train["label"]})
-    with pytest.raises(ValueError, match="'test' or 'all'"):
-        split_features("train", test, train)

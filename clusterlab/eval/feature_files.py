@@ -21,7 +21,7 @@ Only ``index``, ``label`` and ``representation`` are required in files read back
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -63,36 +63,71 @@ def write_features(path: str | Path, batches: Iterable[dict[str, np.ndarray]]) -
     return path
 
 
-def read_features(path: str | Path, columns: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """Read a features file into numpy arrays ((N, D) float32 for vectors, (N,) int64 otherwise).
-
-    Raises ``ValueError`` naming the file and the problem when the schema is not the one above.
-    """
-    path = Path(path)
+def _open(path: Path) -> pq.ParquetFile:
     if not path.is_file():
         raise FileNotFoundError(f"features file {path} does not exist")
     try:
-        schema = pq.read_schema(path)
+        file = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{path} is not a Parquet file ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    missing = [c for c in REQUIRED_COLUMNS if c not in file.schema_arrow.names]
     if missing:
-        raise ValueError(f"{path} lacks the required column(s) {missing}; it has {schema.names} "
+        raise ValueError(f"{path} lacks the required column(s) {missing}; it has {file.schema_arrow.names} "
                          f"(see the features schema in the README)")
-    wanted = list(columns) if columns is not None else list(schema.names)
-    table = pq.read_table(path, columns=[c for c in wanted if c in schema.names])
-    out: dict[str, np.ndarray] = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(column.type):
-            if not pa.types.is_floating(column.type.value_type):
-                raise ValueError(f"{path}: column {name!r} must hold floats, has {column.type}")
-            out[name] = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(
-                len(column), column.type.list_size)
+    return file
+
+
+def _check_columns(path: Path, schema: pa.Schema, wanted: list[str], like: tuple[Path, pa.Schema] | None) -> None:
+    """Vectors must be fixed-size lists of floats, the rest integers; with ``like`` (the first
+    file and its schema), each column must be there and of the same type as in that file."""
+    for name in wanted:
+        if like is not None:
+            if name not in schema.names:
+                raise ValueError(f"{path} lacks the column {name!r} that {like[0]} has; both must have the same columns")
+            if schema.field(name).type != like[1].field(name).type:
+                raise ValueError(f"{path}: column {name!r} is {schema.field(name).type}, but "
+                                 f"{like[1].field(name).type} in {like[0]}")
+            continue
+        kind = schema.field(name).type
+        if pa.types.is_fixed_size_list(kind):
+            if not pa.types.is_floating(kind.value_type):
+                raise ValueError(f"{path}: column {name!r} must hold floats, has {kind}")
         elif name in VECTOR_COLUMNS:
-            raise ValueError(f"{path}: column {name!r} must be a fixed-size list of float32, has {column.type}")
-        else:
-            if not pa.types.is_integer(column.type):
-                raise ValueError(f"{path}: column {name!r} must be int64, has {column.type}")
-            out[name] = column.to_numpy().astype(np.int64, copy=False)
+            raise ValueError(f"{path}: column {name!r} must be a fixed-size list of float32, has {kind}")
+        elif not pa.types.is_integer(kind):
+            raise ValueError(f"{path}: column {name!r} must be int64, has {kind}")
+
+
+def read_features(path: str | Path | Sequence[str | Path], columns: Iterable[str] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Read a features file into numpy arrays ((N, D) float32 for vectors, (N,) int64 otherwise);
+    given several files (train then test for ``eval.split: all``), their rows one after another.
+
+    Each column is allocated once at its final size and filled one record batch at a time, so a
+    read holds the features once: Arrow's whole-table read plus ``combine_chunks`` held them two
+    or three times over, in an allocator that kept the memory after they were freed (a 70,000 x
+    4,608 MNIST evaluation's driver stayed at 9 GB). Raises ``ValueError`` naming the file and
+    the problem when a schema is not the one above or the files' columns differ.
+    """
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    files = [_open(p) for p in paths]
+    schema = files[0].schema_arrow
+    wanted = [c for c in (columns if columns is not None else schema.names) if c in schema.names]
+    for i, (p, file) in enumerate(zip(paths, files)):
+        _check_columns(p, file.schema_arrow, wanted, (paths[0], schema) if i else None)
+    rows = sum(f.metadata.num_rows for f in files)
+    out = {name: np.empty((rows, schema.field(name).type.list_size), np.float32)
+           if pa.types.is_fixed_size_list(schema.field(name).type) else np.empty(rows, np.int64) for name in wanted}
+    offset = 0
+    for file in files:
+        for batch in file.iter_batches(columns=wanted):
+            end = offset + batch.num_rows
+            for name in wanted:
+                column = batch.column(name)
+                if out[name].ndim == 2:  # flatten(): the values of this batch's rows only
+                    out[name][offset:end] = column.flatten().to_numpy(zero_copy_only=False).reshape(
+                        batch.num_rows, -1)
+                else:
+                    out[name][offset:end] = column.to_numpy(zero_copy_only=False)
+            offset = end
     return out

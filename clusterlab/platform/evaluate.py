@@ -56,19 +56,6 @@ class EvalResult:
         return {} if self.split is None else {EVAL_SPLIT_TAG: self.split}
 
 
-def split_features(split: str, test: dict[str, np.ndarray], train: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The features evaluated for ``eval.split``: ``"test"``, the test split; ``"all"``, train
-    followed by test, every column concatenated (the whole-dataset evaluation of LSD-C Sec. 4;
-    ``index`` stays the row within each split)."""
-    if split == "test":
-        return test
-    if split == "all":
-        if set(train) != set(test):
-            raise ValueError(f"train and test features have different columns ({sorted(train)} vs {sorted(test)})")
-        return {name: np.concatenate([train[name], test[name]]) for name in test}
-    raise ValueError(f"eval split must be 'test' or 'all', got {split!r}")
-
-
 def check_evaluable(features: dict[str, np.ndarray], k: int | None, source: str = "features") -> None:
     """Refuse features that cannot be scored, naming the problem, before any work starts: rows
     without a label (-1), fewer than two classes, K outside [2, N], and NaN / Inf values (a
@@ -166,9 +153,9 @@ def evaluate_features(
     return result
 
 
-def _features_for_split(method: Method, meta: DataMeta, cfg: ExperimentConfig, split: str, out_dir: Path,
-                        device: str, progress: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Read the split's features file if it exists, else extract it (streamed in row groups)."""
+def _extract_features(method: Method, meta: DataMeta, cfg: ExperimentConfig, split: str, out_dir: Path,
+                      device: str, progress: bool) -> np.ndarray:
+    """Write the split's features file unless it exists (streamed in row groups); its images."""
     images = load_split(cfg.data.name, cfg.data.root, split, meta.image_size, cfg.data.limit)
     path = out_dir / f"{split}.parquet"
     if not path.exists():
@@ -176,7 +163,7 @@ def _features_for_split(method: Method, meta: DataMeta, cfg: ExperimentConfig, s
         write_features(path, iter_features(method.eval_outputs, images.images, images.labels,
                                            Normalize(meta.mean, meta.std), batch_size=cfg.eval.batch_size,
                                            device=device, progress=progress, desc=f"{split} features"))
-    return read_features(path), images.images
+    return images.images
 
 
 def evaluate_checkpoint(
@@ -199,23 +186,27 @@ def evaluate_checkpoint(
     method, cfg, meta = method_from_checkpoint(read_checkpoint(checkpoint_dir))
     features_dir = Path(features_dir)
     local = local_device(device)
-    test, test_images = _features_for_split(method, meta, cfg, "test", features_dir, local, progress)
-    train, train_images = _features_for_split(method, meta, cfg, "train", features_dir, local, progress)
+    test_images = _extract_features(method, meta, cfg, "test", features_dir, local, progress)
+    train_images = _extract_features(method, meta, cfg, "train", features_dir, local, progress)
     ev = cfg.eval
     pixels = None
     if ev.raw_pixels_baseline:
         pixels = test_images if ev.split == "test" else np.concatenate([train_images, test_images])
-    features = split_features(ev.split, test, train)
-    if ev.split == "all":  # the splits become views of the concatenation, their own copies are freed
-        n_train = len(train["label"])
+    files = {split: features_dir / f"{split}.parquet" for split in ("train", "test")}
+    if ev.split == "all":  # read once, train rows then test rows; the splits are views of it
+        features = read_features([files["train"], files["test"]])
+        n_train = len(train_images)
         train = {name: values[:n_train] for name, values in features.items()}
         test = {name: values[n_train:] for name, values in features.items()}
+    else:
+        train, test = read_features(files["train"]), read_features(files["test"])
+        features = test
     result = evaluate_features(features, k or meta.num_classes,
                                n_init=n_init or ev.kmeans_n_init, max_iter=ev.kmeans_max_iter,
                                seed=cfg.seed if seed is None else seed, tasks=tasks, device=device, train=train,
                                probe_test=test, num_classes=meta.num_classes, pixels=pixels, plots=plots,
                                progress=progress)
-    result.feature_files = {s: features_dir / f"{s}.parquet" for s in ("test", "train")}
+    result.feature_files = files
     result.split = ev.split
     return result
 
