@@ -268,8 +268,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out or report.DEFAULT_OUT)
     report.check_out(out)
     client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
-    command = report.command_line(args.experiment, args.paper, args.out, args.tracking_uri)
-    print(report.write_report(client, args.paper, args.experiment, out, command), end="")
+    notes = args.note or []
+    command = report.command_line(args.experiment, args.paper, args.out, args.tracking_uri, notes)
+    print(report.write_report(client, args.paper, args.experiment, out, command, notes), end="")
     print(f"\nwritten to {out} (section '## {paper.title}')")
     return 0
 
@@ -425,6 +426,8 @@ def _add_report_command(sub: argparse._SubParsersAction) -> None:
                    help="paper table, e.g. lsdc_mnist (LSD-C Table 2, MNIST); an unknown name lists the known ones")
     p.add_argument("--out", help="Markdown file to write the section into (default: REPRODUCTIONS.md in the cwd)")
     p.add_argument("--tracking-uri", help="default: $CLUSTERLAB_TRACKING_URI or sqlite:///mlflow.db in the cwd")
+    p.add_argument("--note", action="append",
+                   help="a line under the table: what was tried, what is missing and why (repeatable)")
     p.set_defaults(func=cmd_report)
 
 

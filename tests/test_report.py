@@ -104,13 +104,24 @@ def test_report_rows_from_finished_runs(store, tmp_path, capsys):
 
     # one RotNet seed: no std; its wall time; rows nobody ran
     row = table_row(printed, "RotNet + K-means on its features")
-    assert row[2:8] == ["-", "87.4", "1", "2", "-", "60.0 min/run, 60.0 min total"]  # the epochs it trained
+    assert row[2:8] == ["-", "87.4", "1", "2 of 200", "-", "60.0 min/run, 60.0 min total"]  # of rotnet_mnist's
+    assert ("Shorter than the recipe, so not its result: RotNet + K-means on its features (2 of rotnet_mnist's "
+            "200 epochs).") in printed
+    assert "Notes:" not in printed
     for label in ("SimCLR + K-means", "MIX'EM Max Comp", "MIX'EM-initialised K-means"):
         assert table_row(printed, label)[3:7] == ["no runs", "0", "-", "-"]
 
     assert ("Written by: `clusterlab report --experiment encoders --experiment lsdc --paper lsdc_mnist "
             f"--out {tmp_path / 'REPRODUCTIONS.md'}`") in section
     assert "How to rerun" in section and "clusterlab sweep search_spaces/lsdc_mnist_seeds.yaml" in section
+
+
+def test_notes_go_under_the_table_and_into_the_command(store, tmp_path, capsys):
+    notes = ["LSD-C: no GPU was lent", "SimCLR | MIX'EM: not run"]
+    assert cli.main(report(tmp_path, "--note", notes[0], "--note", notes[1])) == 0
+    written = (tmp_path / "REPRODUCTIONS.md").read_text()
+    assert "Notes:\n\n- LSD-C: no GPU was lent\n- SimCLR | MIX'EM: not run\n" in written
+    assert "--note 'LSD-C: no GPU was lent' --note 'SimCLR | MIX'\"'\"'EM: not run'" in written
 
 
 def test_target_met_and_missed(tracking_uri, tmp_path, capsys):

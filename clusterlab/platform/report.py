@@ -20,7 +20,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from clusterlab.config import ConfigError
+from clusterlab.config import PRESETS, ConfigError
 from clusterlab.eval.metrics import mean_std
 from clusterlab.platform import tracking
 from clusterlab.platform.tracking import ROLE_TAG
@@ -63,6 +63,11 @@ class Row:
     paper_seeds: int | None = None
     source: str | None = None
     target: Target | None = None
+    preset: str | None = None  # the recipe's preset: runs trained fewer epochs than it are marked
+
+    @property
+    def recipe_epochs(self) -> int | None:
+        return PRESETS[self.preset]["epochs"] if self.preset else None
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,12 @@ PAPERS: dict[str, PaperTable] = {
         rows=(
             Row("K-means on raw pixels", "pixels_acc", None, 57.2, source="LSD-C Table 2",
                 target=Target(57.2, tolerance=3.0)),
-            Row("RotNet + K-means on its features", "kmeans_raw_acc", "rotnet"),
-            Row("LSD-C (cluster head)", "head_acc", "lsdc", 98.6, 0.5, 10, "LSD-C Table 2", Target(97.6)),
-            Row("SimCLR + K-means", "kmeans_norm_acc", "simclr"),
-            Row("MIX'EM Max Comp", "maxcomp_acc", "mixem"),
-            Row("MIX'EM-initialised K-means", "kmeans_mixinit_acc", "mixem"),
+            Row("RotNet + K-means on its features", "kmeans_raw_acc", "rotnet", preset="rotnet_mnist"),
+            Row("LSD-C (cluster head)", "head_acc", "lsdc", 98.6, 0.5, 10, "LSD-C Table 2", Target(97.6),
+                preset="lsdc_mnist"),
+            Row("SimCLR + K-means", "kmeans_norm_acc", "simclr", preset="simclr_mnist"),
+            Row("MIX'EM Max Comp", "maxcomp_acc", "mixem", preset="mixem_mnist"),
+            Row("MIX'EM-initialised K-means", "kmeans_mixinit_acc", "mixem", preset="mixem_mnist"),
         ),
         rerun=(
             f"clusterlab train --preset rotnet_mnist {_DATA} --run-name rotnet-mnist tracking.experiment=rotnet-mnist",
@@ -121,6 +127,12 @@ class Measured:
     epochs: tuple[str, ...]  # the epochs the counted runs trained: a shortened run shows here
     hardware: tuple[str, ...]
     commits: tuple[str, ...]
+
+    @property
+    def shortened(self) -> bool:
+        """Whether a counted run trained fewer epochs than the row's recipe."""
+        recipe = self.row.recipe_epochs
+        return recipe is not None and any(e.isdigit() and int(e) < recipe for e in self.epochs)
 
     @property
     def mean_std(self) -> tuple[float, float]:
@@ -206,9 +218,11 @@ def collect(client: MlflowClient, key: str, experiments: list[str]) -> list[Meas
     return [measure(row, runs) for row in paper.rows]
 
 
-def command_line(experiments: list[str], paper: str, out: str | None, tracking_uri: str | None) -> str:
+def command_line(experiments: list[str], paper: str, out: str | None, tracking_uri: str | None,
+                 notes: list[str] = ()) -> str:
     """The ``clusterlab report`` command as typed, tracking URI credentials masked."""
-    parts = ["clusterlab", "report", *(a for e in experiments for a in ("--experiment", e)), "--paper", paper]
+    parts = ["clusterlab", "report", *(a for e in experiments for a in ("--experiment", e)), "--paper", paper,
+             *(a for n in notes for a in ("--note", n))]
     if out:
         parts += ["--out", out]
     if tracking_uri:
@@ -240,13 +254,15 @@ def _row_cells(m: Measured) -> list[str]:
         target = f"{row.target}: {'met' if row.target.met(mean) else 'missed'}" if row.target else "-"
     wall = (f"{_duration(sum(m.minutes) / len(m.minutes))}/run, {_duration(sum(m.minutes))} total"
             if m.minutes else "-")
-    return [row.label, f"`{row.metric}`", paper, ours, str(len(m.values)), ", ".join(m.epochs) or "-", target, wall,
+    epochs = ", ".join(m.epochs) + (f" of {row.recipe_epochs}" if m.shortened else "")
+    return [row.label, f"`{row.metric}`", paper, ours, str(len(m.values)), epochs or "-", target, wall,
             "; ".join(m.hardware) or "-", ", ".join(m.commits) or "-"]
 
 
-def render(key: str, measured: list[Measured], command: str) -> str:
+def render(key: str, measured: list[Measured], command: str, notes: list[str] = ()) -> str:
     """The Markdown section of paper table ``key``: heading, the command that wrote it, the
-    date, the table, the per-seed values and how to rerun it."""
+    date, the table, the per-seed values, the rows shorter than their recipe, ``notes`` (what
+    was tried, what is missing and why) and how to rerun it."""
     paper = paper_table(key)
     now = datetime.now(timezone.utc)
     header = ["row", "metric", "paper (ACC %)", "ours (ACC %, mean +- std)", "seeds", "epochs", "target",
@@ -261,6 +277,12 @@ def render(key: str, measured: list[Measured], command: str) -> str:
     if shared:
         lines += ["", f"{', '.join(shared)}: one value per seed from the runs of any method above (the same "
                       "images), the earliest run of each seed; their wall time is in those rows."]
+    short = [f"{m.row.label} ({', '.join(m.epochs)} of {m.row.preset}'s {m.row.recipe_epochs} epochs)"
+             for m in measured if m.shortened]
+    if short:
+        lines += ["", f"Shorter than the recipe, so not its result: {'; '.join(short)}."]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     if paper.rerun:
         lines += ["", "How to rerun (`$..._RUN_ID`: the MLflow run id an earlier step printed):", ""]
         lines += [f"{i}. `{c}`" for i, c in enumerate(paper.rerun, 1)]
@@ -286,10 +308,11 @@ def write_section(path: Path, title: str, section: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(client: MlflowClient, key: str, experiments: list[str], out: Path, command: str) -> str:
+def write_report(client: MlflowClient, key: str, experiments: list[str], out: Path, command: str,
+                 notes: list[str] = ()) -> str:
     """Fill paper table ``key`` from the experiments' runs, write it into ``out`` and return the
     section (LSD-C Table 2 for ``lsdc_mnist``)."""
-    section = render(key, collect(client, key, experiments), command)
+    section = render(key, collect(client, key, experiments), command, notes)
     write_section(out, paper_table(key).title, section)
     return section
 
