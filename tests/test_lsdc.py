@@ -99,6 +99,21 @@ def test_composition_targets_reproduce_fig_3():
     assert torch.allclose(targets[:, 1:], a[:, 1:])  # the other composites are pure copies
 
 
+def test_composite_targets_stay_in_0_1_when_the_area_shares_round_above_1():
+    """RICAP's four area shares at split (18, 25) of a 28 px MNIST image sum to 1 + 2^-23 in
+    float32: a pair connected to all four pieces must still get target 1, and Eq. 6's loss a
+    value, not binary_cross_entropy's refusal of a target above 1."""
+    n, size, (w, h) = 4, 28, (18, 25)
+    areas = [(w, h), (size - w, h), (w, size - h), (size - w, size - h)]
+    weights = torch.tensor([a * b / size ** 2 for a, b in areas], dtype=torch.float32)[:, None].repeat(1, n)
+    assert float(weights[0, 0] + weights[1, 0] + weights[2, 0] + weights[3, 0]) > 1.0  # the rounding guarded against
+    composite = Composition(torch.zeros(n, 1, size, size), torch.arange(n).repeat(4, 1), weights)
+    targets = composite.targets(torch.ones(n, n))
+    assert float(targets.max()) == 1.0
+    p = torch.full((n, 3), 1 / 3)
+    assert torch.isfinite(pairwise_bce_loss(p, p, targets))
+
+
 def _constant_images(n, size=16):
     return torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, size, size).clone()
 

@@ -83,7 +83,8 @@ def _check_columns(path: Path, schema: pa.Schema, wanted: list[str], like: tuple
     for name in wanted:
         if like is not None:
             if name not in schema.names:
-                raise ValueError(f"{path} lacks the column {name!r} that {like[0]} has; both must have the same columns")
+                raise ValueError(f"{path} lacks the column {name!r} that {like[0]} has; "
+                                 "both must have the same columns")
             if schema.field(name).type != like[1].field(name).type:
                 raise ValueError(f"{path}: column {name!r} is {schema.field(name).type}, but "
                                  f"{like[1].field(name).type} in {like[0]}")
