@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from record import add_rows  # noqa: E402  (bench/record.py: this script's folder is on sys.path)
-from clusterlab.config import ExperimentConfig, load_config  # noqa: E402
+from clusterlab.config import PRESETS, ExperimentConfig, load_config  # noqa: E402
 from clusterlab.data.augment import Normalize  # noqa: E402
 from clusterlab.data.datasets import load_split  # noqa: E402
 from clusterlab.eval.clustering import head_metrics  # noqa: E402
@@ -46,6 +46,8 @@ from clusterlab.platform.loop import LocalSession, fit  # noqa: E402
 from clusterlab.trainers.checkpoint import method_from_checkpoint, read_checkpoint  # noqa: E402
 
 TIMELINE = "timeline.json"
+#: the recipes' lengths: RotNet 200 (LSD-C supplementary Sec. 1), LSD-C 15 (supplementary Table 1, MNIST)
+ROTNET_EPOCHS, LSDC_EPOCHS = PRESETS["rotnet_mnist"]["epochs"], PRESETS["lsdc_mnist"]["epochs"]
 
 
 class TargetReached(Exception):
@@ -88,7 +90,7 @@ class ClockedSession(LocalSession):
         batches = iter_features(method.eval_outputs, self.images, self.labels, Normalize(meta.mean, meta.std),
                                 batch_size=1024, device=self.device, progress=False)
         probabilities = np.concatenate([batch["probabilities"] for batch in batches])
-        return head_metrics(probabilities, self.labels, num_classes=10)["head_acc"]
+        return head_metrics(probabilities, self.labels, num_classes=meta.num_classes)["head_acc"]
 
 
 @dataclass
@@ -156,8 +158,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value for both stages' configs, e.g. performance.bf16=true")
     parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared/datasets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rotnet-epochs", type=int, default=200, help="the paper's 200 (LSD-C supplementary Sec. 1)")
-    parser.add_argument("--lsdc-epochs", type=int, default=15, help="the paper's 15 (supplementary Table 1)")
+    parser.add_argument("--rotnet-epochs", type=int, default=ROTNET_EPOCHS, help="default: the recipe's")
+    parser.add_argument("--lsdc-epochs", type=int, default=LSDC_EPOCHS, help="default: the recipe's")
     parser.add_argument("--target", type=float, default=0.97, help="head ACC that stops the clock")
     parser.add_argument("--limit", type=int, default=None, help="data.limit: first N images per split (smoke runs)")
     parser.add_argument("--workdir", type=Path, default=Path("bench_runs/mnist_time_to_accuracy"),
@@ -170,7 +172,8 @@ def main() -> None:
     rotnet, lsdc, reached = run_chain(args, device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    setting = (f"RotNet {len(rotnet.timeline)} of 200 epochs -> LSD-C up to {args.lsdc_epochs} of 15, "
+    setting = (f"RotNet {len(rotnet.timeline)} of {ROTNET_EPOCHS} epochs -> LSD-C up to {args.lsdc_epochs} of "
+               f"{LSDC_EPOCHS}, "
                f"{'first ' + str(args.limit) + ' images per split' if args.limit else 'all 70,000 images'}"
                + (f", {' '.join(args.overrides)}" if args.overrides else ""))
     result = summary(rotnet, lsdc, reached, args.target)

@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mlflow.tracking import MlflowClient
 
@@ -219,7 +219,7 @@ def collect(client: MlflowClient, key: str, experiments: list[str]) -> list[Meas
 
 
 def command_line(experiments: list[str], paper: str, out: str | None, tracking_uri: str | None,
-                 notes: list[str] = ()) -> str:
+                 notes: Sequence[str] = ()) -> str:
     """The ``clusterlab report`` command as typed, tracking URI credentials masked."""
     parts = ["clusterlab", "report", *(a for e in experiments for a in ("--experiment", e)), "--paper", paper,
              *(a for n in notes for a in ("--note", n))]
@@ -259,7 +259,7 @@ def _row_cells(m: Measured) -> list[str]:
             "; ".join(m.hardware) or "-", ", ".join(m.commits) or "-"]
 
 
-def render(key: str, measured: list[Measured], command: str, notes: list[str] = ()) -> str:
+def render(key: str, measured: list[Measured], command: str, notes: Sequence[str] = ()) -> str:
     """The Markdown section of paper table ``key``: heading, the command that wrote it, the
     date, the table, the per-seed values, the rows shorter than their recipe, ``notes`` (what
     was tried, what is missing and why) and how to rerun it."""
@@ -309,7 +309,7 @@ def write_section(path: Path, title: str, section: str) -> None:
 
 
 def write_report(client: MlflowClient, key: str, experiments: list[str], out: Path, command: str,
-                 notes: list[str] = ()) -> str:
+                 notes: Sequence[str] = ()) -> str:
     """Fill paper table ``key`` from the experiments' runs, write it into ``out`` and return the
     section (LSD-C Table 2 for ``lsdc_mnist``)."""
     section = render(key, collect(client, key, experiments), command, notes)
