@@ -176,6 +176,10 @@ class LsdcConfig(StrictModel):
     sne_temperature: float = Field(1.0, gt=0.0, description="sne: T of Eq. 1")
     composition: Literal["ricap", "mixup", "none"] = Field("ricap", description="data composition (Sec. 3.3)")
     composition_beta: float = Field(0.3, gt=0.0, description="Beta(b, b) of RICAP crop sizes / MixUp weight")
+    composite_pairing: Literal["eq6", "released"] = Field(
+        "eq6", description="eq6: pair (i, j) scores pure i against composite j, p_i . p~_j, with composite j's "
+        "target (Eq. 6 as printed); released: the released code's PairEnum order, p_j . p~_i against the same "
+        "target (the score matrix transposed)")
     rampup_lambda: float = Field(5.0, ge=0.0, description="lambda of the consistency ramp-up (Eq. 8)")
     rampup_length: float = Field(100.0, ge=0.0, description="T of the ramp-up, in epochs")
     train_from_block: int = Field(4, ge=1, le=5, description="first trained macro-block: 4 = last block + head "
@@ -220,6 +224,11 @@ class ExcbConfig(StrictModel):
         "linear", description="B for s > 1/K: linear to -1 at s = 1 (Sec. 2) or (1+z)/(sK) - 1 (Algorithm 1)")
     boost_argmax: bool = Field(False, description="released-code option (criterion.py centering): multiply the "
                                                   "balanced arg-max similarity by 1.01, then clamp to [-1, 1]")
+    view_pairing: Literal["algorithm1", "released"] = Field(
+        "algorithm1", description="algorithm1: the projector term pairs each teacher view with every other view "
+        "(local crops included), total 0.5 loss_h + 0.5 loss_g (Algorithm 1); released: the released code's "
+        "unroll_batch matches (projector term on the other global views only) and one mean over all pairs, i.e. "
+        "term weights by pair count (1/3, 2/3 at G = 2, L = 0) unless loss.weights sets them")
     s_from: Literal["raw", "balanced"] = Field(
         "balanced", description="update s from the teacher's assignments after B (released code) or before it")
     centroid_init: Literal["kmeans", "random"] = Field(

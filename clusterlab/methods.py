@@ -49,6 +49,10 @@ class MethodSpec:
     default_weights: Mapping[str, float]
     #: statistics the method reports every epoch besides the losses
     epoch_stats: tuple[str, ...] = ()
+    #: per-epoch readings of the training steps against the class labels, where the training
+    #: split has them (``Method.label_diagnostics``): to see why a method falls short, so not in
+    #: :meth:`epoch_metrics`, and a sweep can never schedule or choose by them
+    label_diagnostics: tuple[str, ...] = ()
     #: evaluation readings beyond K-means on the representation: (label, metric prefix)
     readings: tuple[tuple[str, str], ...] = ()
     #: metrics those readings log beyond ``<prefix>_{acc,nmi,ari}``
@@ -164,6 +168,7 @@ register_spec(MethodSpec(
     loss_terms=("clustering", "consistency"),  # LSD-C Eq. 7 and the ramped-up consistency of Eq. 8
     default_weights={"clustering": 1.0, "consistency": 1.0},
     epoch_stats=("rampup_weight", "adjacency_density"),
+    label_diagnostics=("pseudo_label_precision", "pseudo_label_recall"),
     readings=(HEAD_READING,),
     extra_reading_metrics=HEAD_METRICS,
     headline_metric="head_acc",  # LSD-C Tables 2-4 report the head's clusters

@@ -16,6 +16,7 @@ from clusterlab.trainers.excb_losses import (
     boost_argmax,
     centroid_similarities,
     excb_loss,
+    released_term_weights,
     update_cluster_sizes,
 )
 
@@ -95,6 +96,59 @@ def test_loss_pairs_views_as_algorithm_1():
     ce = lambda t, w: -float((p_t[t] * logp[w]).sum())  # noqa: E731
     assert float(loss_h) == pytest.approx((ce(0, 1) + ce(0, 2) + ce(1, 0) + ce(1, 2)) / 4)
     assert float(loss_g) == pytest.approx(sum(ce(t, w) for t in range(2) for w in range(3)) / 6)
+
+
+def _released_total(teacher_probs, proj_logits, pred_logits):
+    """Transcription of the released ExCB code: ``Trainer.unroll_batch`` builds the matches
+    (teacher view tv: the other teacher views' indices, then every predictor output at index
+    sum(student_views) + v), ``ClusteringLoss.forward`` averages ``loss_func`` over the matched
+    (teacher, student) pairs; student outputs are the projector then the predictor outputs."""
+    student_out = proj_logits + pred_logits  # the (v b) f rows: projector views, then predictor views
+    teacher_views, student_views = len(teacher_probs), len(proj_logits)
+    matches = []
+    for tv in range(teacher_views):
+        matches.append([tv_ for tv_ in range(teacher_views) if tv != tv_])
+        matches[tv] += [tv_ + student_views for tv_ in range(student_views)]
+    total, count = 0.0, 0
+    for iq, q in enumerate(teacher_probs):
+        for ip, p in enumerate(student_out):
+            if ip not in matches[iq]:
+                continue
+            total = total + torch.sum(-q * torch.log_softmax(p, dim=-1), dim=-1).mean()
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize(("g", "local"), [(2, 0), (2, 2), (3, 1)])
+def test_released_pairing_is_the_released_codes_one_mean_over_its_matches(g, local):
+    """``excb.view_pairing=released``: the terms weighted by their pair counts equal the released
+    code's loss on the same outputs (the local crops' projector outputs get no loss)."""
+    gen = torch.Generator().manual_seed(g * 10 + local)
+    views = g + local
+    teacher = [torch.softmax(torch.randn(5, K, generator=gen) / 0.04, 1) for _ in range(g)]
+    proj = [torch.randn(5, K, generator=gen) / 0.1 for _ in range(views)]
+    pred = [torch.randn(5, K, generator=gen) / 0.1 for _ in range(views)]
+    loss_h, loss_g = excb_loss(teacher, [x.log_softmax(1) for x in proj], [x.log_softmax(1) for x in pred],
+                               "released")
+    w = released_term_weights(g, local)
+    ours = w["projector"] * loss_h + w["predictor"] * loss_g
+    assert float(ours) == pytest.approx(float(_released_total(teacher, proj, pred)), rel=1e-6)
+    paper_h, paper_g = excb_loss(teacher, [x.log_softmax(1) for x in proj], [x.log_softmax(1) for x in pred])
+    assert float(0.5 * paper_h + 0.5 * paper_g) != pytest.approx(float(ours), rel=1e-3)  # the two forms differ
+    if (g, local) == (2, 0):
+        assert (w["projector"], w["predictor"]) == pytest.approx((1 / 3, 2 / 3))
+
+
+def test_released_pairing_sets_the_term_weights_unless_the_config_does():
+    meta = DataMeta(10, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    released = build_method(load_config(None, ["excb.view_pairing=released", "excb.local_crops=2"],
+                                        preset="excb_digits"), meta)
+    assert released.weights == pytest.approx({"projector": 2 / 10, "predictor": 8 / 10})  # 2 and 8 pairs
+    own = build_method(load_config(None, ["excb.view_pairing=released", "loss.weights.projector=0.7"],
+                                   preset="excb_digits"), meta)
+    assert own.weights["projector"] == 0.7
+    assert build_method(load_config(None, [], preset="excb_digits"), meta).weights == {"projector": 0.5,
+                                                                                       "predictor": 0.5}
 
 
 def test_boost_is_the_released_x1_01_of_the_balanced_argmax_then_clamp():

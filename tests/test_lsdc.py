@@ -20,6 +20,7 @@ from clusterlab.trainers.lsdc_losses import (
     l2_adjacency,
     mixup,
     pairwise_bce_loss,
+    pseudo_label_scores,
     rampup_weight,
     ricap,
     sne_adjacency,
@@ -97,6 +98,56 @@ def test_composition_targets_reproduce_fig_3():
     assert float(targets[1, 0]) == pytest.approx(0.7)
     assert float(targets[5, 0]) == pytest.approx(0.2) and float(targets[3, 0]) == 0.0
     assert torch.allclose(targets[:, 1:], a[:, 1:])  # the other composites are pure copies
+
+
+def _released_ricap_bce(prob, prob_bar, adjacency, perms, weights):
+    """Transcription of the released code (``cifar10_clustering.py`` with ``utils_algo``'s
+    ``PairEnum`` and ``BCE_softlabels``): the RICAP target adaptation, then BCE over the
+    enumerated pairs of the pure and the composite batch's probabilities."""
+
+    def pair_enum(x):
+        return x.repeat(x.size(0), 1), x.repeat(1, x.size(0)).view(-1, x.size(1))
+
+    n = prob.size(0)
+    target_tmp = adjacency.reshape(-1).clone()
+    target = torch.zeros_like(target_tmp)
+    for perm, w in zip(perms, weights):
+        target += float(w[0]) * (target_tmp.view(n, -1)[:, perm]).reshape(-1)
+    row, _ = pair_enum(prob)
+    _, col = pair_enum(prob_bar)
+    p = (row * col).sum(1)
+    eps = 1e-7
+    return (-(target * torch.log(p + eps) + (1.0 - target) * torch.log(1.0 - p + eps))).mean()
+
+
+def test_released_composite_pairing_is_the_released_codes_loss():
+    """``lsdc.composite_pairing=released`` scores pair (a, b) as p_b . p~_a against the target
+    of (pure a, composite b), as the released code's PairEnum order does; ``eq6`` pairs pure i
+    with composite j and j's target. Same inputs: the released value, and a different Eq. 6 one."""
+    gen = torch.Generator().manual_seed(3)
+    n = 8
+    prob = torch.softmax(torch.randn(n, 4, generator=gen), 1)
+    prob_bar = torch.softmax(torch.randn(n, 4, generator=gen), 1)
+    a = knn_adjacency(torch.randn(n, 5, generator=gen), 2)
+    perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(4)])
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4])[:, None].expand(4, n)
+    targets = Composition(torch.zeros(n, 1, 4, 4), perms, weights).targets(a)
+    released = _released_ricap_bce(prob, prob_bar, a, perms, weights)
+    assert float(pairwise_bce_loss(prob_bar, prob, targets)) == pytest.approx(float(released), abs=1e-5)
+    assert float(pairwise_bce_loss(prob, prob_bar, targets)) != pytest.approx(float(released), abs=1e-3)
+
+
+def test_pseudo_label_scores_by_hand():
+    """Pairs i != j of labelled images: (0, 1) same class, linked; (0, 2) different, linked;
+    (1, 2) different, unlinked; image 3 unlabelled, its link ignored. Precision 1/2, recall 1/1."""
+    a = torch.eye(4)
+    for i, j in [(0, 1), (0, 2), (2, 3)]:
+        a[i, j] = a[j, i] = 1.0
+    scores = pseudo_label_scores(a, torch.tensor([0.0, 0.0, 1.0, -1.0]))
+    assert float(scores["pseudo_label_precision"]) == pytest.approx(0.5)
+    assert float(scores["pseudo_label_recall"]) == pytest.approx(1.0)
+    none = pseudo_label_scores(torch.eye(2), torch.tensor([-1.0, -1.0]))
+    assert float(none["pseudo_label_precision"]) == 0.0 and float(none["pseudo_label_recall"]) == 0.0
 
 
 def test_composite_targets_stay_in_0_1_when_the_area_shares_round_above_1():
@@ -216,3 +267,18 @@ def test_every_table4_column_is_a_config():
              for column in columns}
     # Nine distinct runs: the kNN column and the RICAP column are the same run (81.7 in both).
     assert len(built) == 9
+
+
+def test_training_logs_the_pseudo_labels_precision_and_recall_per_epoch(tmp_path):
+    """The loop reads LSD-C's pairwise labels against the class labels every step (a diagnostic):
+    the epoch's values are the means of :func:`pseudo_label_scores`, strictly between 0 and 1 on
+    digits, and they are not metrics a sweep can schedule on."""
+    from clusterlab.methods import spec_for
+    from clusterlab.platform.loop import LocalSession, fit
+
+    cfg = load_config(None, ["epochs=1", "data.limit=300", "model.cnn_width=8", "batch_size=64"], preset="lsdc_digits")
+    session = LocalSession(tmp_path)
+    fit(cfg, session)
+    epoch = session.history[-1]
+    assert 0.0 < epoch["pseudo_label_precision"] < 1.0 and 0.0 < epoch["pseudo_label_recall"] < 1.0
+    assert not {"pseudo_label_precision", "pseudo_label_recall"} & spec_for("lsdc").epoch_metrics()

@@ -148,12 +148,15 @@ def _autocast(device: torch.device, perf: PerformanceConfig) -> Any:
 def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, batches: torch.Tensor,
                device: torch.device, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                epoch: int, perf: PerformanceConfig, progress: EpochProgress | None = None,
-               after_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+               after_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+               labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One pass over ``batches`` (from ``progress.step`` on, continuing its sums, when a
     checkpoint taken inside the epoch is resumed); returns per-step means of the total loss
     (``loss``), each term (``loss_<term>``) and each stat, still on the device (no host sync).
     ``perf`` picks the fast paths (bf16 autocast, channels_last views); ``after_step(steps
-    done, sums)`` is called after every training step."""
+    done, sums)`` is called after every training step. With the images' class ``labels``, the
+    method's label diagnostics of each step are averaged too (read against the labels, never
+    trained on)."""
     channels_last = perf.enabled("channels_last", device.type)
     sums: dict[str, torch.Tensor] = {name: torch.tensor(value, device=device)
                                      for name, value in (progress.sums if progress else {}).items()}
@@ -174,6 +177,8 @@ def _run_epoch(method: Method, model: torch.nn.Module, images: torch.Tensor, bat
             scheduler.step()
             method.after_optimizer_step()
         step = {"loss": total, **{f"loss_{k}": v for k, v in out["terms"].items()}, **out["stats"]}
+        if labels is not None:
+            step.update(method.label_diagnostics(out, labels[idx.to(device, non_blocking=True)]))
         for name, value in step.items():
             value = value.detach().float()
             sums[name] = sums[name] + value if name in sums else value
@@ -235,6 +240,9 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     method = build_method(cfg, meta)
     method = method.to(device)  # before the optimiser: fused Adam needs its params on the GPU
+    # Only for the method's label diagnostics (LSD-C's pseudo-label precision / recall), never a loss.
+    train_labels = (torch.from_numpy(splits.train.labels).to(device)
+                    if method.spec.label_diagnostics and (splits.train.labels >= 0).any() else None)
     perf = cfg.performance
     if perf.enabled("channels_last", device.type):
         method = method.to(memory_format=torch.channels_last)
@@ -282,7 +290,7 @@ def _fit(cfg: ExperimentConfig, session: TrainSession) -> None:
         lr = progress.lr if progress else optimizer.param_groups[0]["lr"]  # at the epoch's first step
         watch.start(epoch, t0, lr)
         train = _mean_over_workers(_run_epoch(method, model, train_images, batches, device, optimizer, scheduler,
-                                              epoch, perf, progress, watch), world)
+                                              epoch, perf, progress, watch, train_labels), world)
         progress = None
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = {"epoch": float(epoch + 1), "lr": lr, "epoch_seconds": seconds,

@@ -82,6 +82,14 @@ class Method(nn.Module):
         return sum((self.weights[name] * terms[name] for name in self.spec.loss_terms if self.weights[name]),
                    torch.zeros((), device=next(iter(terms.values())).device))
 
+    def label_diagnostics(self, out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Readings of a training step's output ``out`` against the class ``labels`` of this
+        worker's rows (negative: unknown), named in the spec's ``label_diagnostics`` and logged
+        per epoch, to see why a method falls short; never part of a loss. Called only when the
+        training split has labels. Most methods have none (LSD-C: its pseudo-labels' precision
+        and recall)."""
+        return {}
+
     def representation(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone representation h = f(x) that evaluation clusters."""
         raise NotImplementedError

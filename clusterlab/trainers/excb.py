@@ -30,6 +30,7 @@ from clusterlab.trainers.excb_losses import (
     boost_argmax,
     centroid_similarities,
     excb_loss,
+    released_term_weights,
     update_cluster_sizes,
 )
 
@@ -50,6 +51,8 @@ class ExCB(Method):
         super().__init__(cfg, data)
         opts = cfg.excb
         self.num_clusters = opts.num_clusters or data.num_classes
+        if opts.view_pairing == "released":  # one mean over every pair, unless loss.weights says otherwise
+            self.weights = {**released_term_weights(opts.global_crops, opts.local_crops), **cfg.loss.weights}
         self.student = _Encoder(cfg, data.image_size, self.num_clusters)
         # The student's backbone is also the method's ``backbone``, so that its checkpoint keys
         # are ``backbone.*`` like every method's (another method can start from it).
@@ -148,6 +151,6 @@ class ExCB(Method):
             z_g.append(centroid_similarities(self.predictor(h_local), c, detach_centroids=True))
         views_h = torch.cat(z_h).div(opts.student_temperature).log_softmax(dim=1).chunk(len(views))
         views_g = torch.cat(z_g).div(opts.student_temperature).log_softmax(dim=1).chunk(len(views))
-        loss_h, loss_g = excb_loss(list(p_t.chunk(g)), list(views_h), list(views_g))
+        loss_h, loss_g = excb_loss(list(p_t.chunk(g)), list(views_h), list(views_g), opts.view_pairing)
         stats["teacher_momentum"] = torch.tensor(self.teacher_momentum(), device=p_t.device)
         return {"terms": {"projector": loss_h, "predictor": loss_g}, "stats": stats}

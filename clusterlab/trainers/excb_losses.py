@@ -82,20 +82,40 @@ def centroid_similarities(x: torch.Tensor, centroids: torch.Tensor, detach_centr
 
 
 def excb_loss(teacher_probs: list[torch.Tensor], student_proj_logp: list[torch.Tensor],
-              student_pred_logp: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1's loss, as cross-entropies H(p_t, p_s) = -sum p_t log p_s.
+              student_pred_logp: list[torch.Tensor], pairing: str = "algorithm1") -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss terms as cross-entropies H(p_t, p_s) = -sum p_t log p_s, each averaged over the
+    batch, its (teacher view, student view) pairs and the G teacher views.
 
     ``teacher_probs``: G global views; student lists: the G global views first, then the L
-    local ones. The projector term pairs each teacher view with every *other* view
-    (G + L - 1 pairs), the predictor term with every view including its own (G + L); each is
-    averaged over its pairs and over the teacher views. Returns (loss_h, loss_g); the total is
-    0.5 loss_h + 0.5 loss_g.
+    local ones. ``pairing``:
+
+    - ``algorithm1`` (Algorithm 1): the projector term pairs each teacher view with every
+      *other* view, local ones included (G (G + L - 1) pairs), the predictor term with every
+      view including its own (G (G + L)).
+    - ``released`` (the released code's ``Trainer.unroll_batch`` matches): the projector term
+      pairs each teacher view with the *other global* views only (G (G - 1) pairs; the local
+      crops' projector outputs get no loss), the predictor term as above.
+
+    Returns (loss_h, loss_g). Algorithm 1's total is 0.5 loss_h + 0.5 loss_g; the released code
+    takes one mean over all the pairs of both terms, i.e. :func:`released_term_weights`.
     """
     g, views = len(teacher_probs), len(student_proj_logp)
+    projector_views = {"algorithm1": views, "released": g}.get(pairing)
+    if projector_views is None:
+        raise ValueError(f"unknown ExCB view pairing {pairing!r}; use algorithm1 or released")
 
     def h(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
         return -(p * logp).sum(dim=1).mean()
 
-    loss_h = sum(h(teacher_probs[v], student_proj_logp[w]) for v in range(g) for w in range(views) if w != v)
+    loss_h = sum(h(teacher_probs[v], student_proj_logp[w]) for v in range(g) for w in range(projector_views) if w != v)
     loss_g = sum(h(teacher_probs[v], student_pred_logp[w]) for v in range(g) for w in range(views))
-    return loss_h / (g * (views - 1)), loss_g / (g * views)
+    return loss_h / (g * (projector_views - 1)), loss_g / (g * views)
+
+
+def released_term_weights(global_crops: int, local_crops: int) -> dict[str, float]:
+    """The weights of (projector, predictor) that make the weighted sum of the ``released``
+    terms the released code's one mean over all G (G - 1) + G (G + L) pairs: each term's share
+    of the pairs (G = 2, L = 0: 1/3 and 2/3)."""
+    n_h = global_crops * (global_crops - 1)
+    n_g = global_crops * (global_crops + local_crops)
+    return {"projector": n_h / (n_h + n_g), "predictor": n_g / (n_h + n_g)}

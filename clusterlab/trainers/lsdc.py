@@ -32,6 +32,7 @@ from clusterlab.trainers.lsdc_losses import (
     mixup,
     pairwise_adjacency,
     pairwise_bce_loss,
+    pseudo_label_scores,
     rampup_weight,
     ricap,
 )
@@ -102,8 +103,16 @@ class LSDC(Method):
         if composite is None:
             clustering = pairwise_bce_loss(p, p_aug, adjacency)
         else:
-            clustering = pairwise_bce_loss(p, torch.softmax(logits[2 * n:], 1), composite.targets(adjacency))
+            p_composite = torch.softmax(logits[2 * n:], 1)
+            # released: PairEnum scores pair (a, b) as p_b . p~_a against target (pure a, composite b)
+            scored = (p, p_composite) if opts.composite_pairing == "eq6" else (p_composite, p)
+            clustering = pairwise_bce_loss(*scored, composite.targets(adjacency))
         weight = rampup_weight(self._epoch, opts.rampup_length, opts.rampup_lambda)
         terms = {"clustering": clustering, "consistency": weight * consistency_loss(p, p_aug)}
         stats = {"rampup_weight": torch.tensor(weight, device=p.device), "adjacency_density": adjacency.mean()}
-        return {"terms": terms, "stats": stats}
+        return {"terms": terms, "stats": stats, "diagnostics": {"adjacency": adjacency}}
+
+    def label_diagnostics(self, out: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Precision and recall of the step's pairwise pseudo-labels (the global batch's
+        adjacency A, Sec. 3.2) against the class labels, over the pairs i != j of labelled images."""
+        return pseudo_label_scores(out["diagnostics"]["adjacency"], gather_rows(labels.float()))

@@ -90,6 +90,22 @@ def pairwise_adjacency(f: torch.Tensor, kind: str, *, k: int = 20, threshold: fl
     raise ValueError(f"unknown pairwise labelling {kind!r}; use knn, cosine, l2 or sne")
 
 
+def pseudo_label_scores(adjacency: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How the pairwise pseudo-labels ``adjacency`` (N, N) agree with the class ``labels`` (N,;
+    negative: unknown), over the pairs i != j of labelled images: ``pseudo_label_precision``,
+    the share of connected pairs that are of one class, and ``pseudo_label_recall``, the share
+    of same-class pairs that are connected. A diagnostic of why the clustering falls short,
+    read against the labels: it never enters the loss. 0 where the batch has no such pair."""
+    known = labels >= 0
+    pairs = known[:, None] & known[None, :]
+    pairs.fill_diagonal_(False)
+    same = (labels[:, None] == labels[None, :]) & pairs
+    linked = (adjacency > 0.5) & pairs
+    hits = (linked & same).sum().float()
+    return {"pseudo_label_precision": hits / linked.sum().clamp_min(1),
+            "pseudo_label_recall": hits / same.sum().clamp_min(1)}
+
+
 def pairwise_bce_loss(p: torch.Tensor, q: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Eq. 5 (and Eq. 6 with mixed targets): binary cross-entropy between P(i = j) = p_i . q_j
     (Eq. 4) and the pairwise target, averaged over the N x N pairs (the paper sums; the mean
