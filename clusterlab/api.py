@@ -91,6 +91,7 @@ def evaluate_features(
     device: str | None = None,
     tasks: int | None = None,
     train: Mapping[str, np.ndarray] | None = None,
+    umap: bool = False,
     plots: bool = False,
     progress: bool = False,
 ) -> EvalResult:
@@ -112,6 +113,8 @@ def evaluate_features(
         device: ``"cpu"`` or ``"cuda"`` (default: see above).
         tasks: Ray tasks per reading when Ray is initialised (default: one per CPU / GPU).
         train: the train split's columns, for the linear probe (fitted on train, scored on ``features``).
+        umap: also ``umap_kmeans_*``: UMAP (10-d, N2D's settings) + K-means on the L2-normalised
+            representation (:mod:`clusterlab.eval.baselines`; numba compiles for about 15 s once).
         plots: also draw the accuracy-vs-inertia, confusion and t-SNE figures.
         progress: show progress bars.
     """
@@ -119,7 +122,7 @@ def evaluate_features(
         raise ValueError(f"n_init: must be >= 1, got {n_init}")
     return _evaluate_features(_columns(features, "features"), k, n_init=n_init, max_iter=max_iter, seed=seed,
                               tasks=tasks, device=device, train=None if train is None else _columns(train, "train"),
-                              plots=plots, progress=progress)
+                              embedding_baselines=umap, plots=plots, progress=progress)
 
 
 def sweep_results(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:

@@ -247,6 +247,9 @@ class EvalConfig(StrictModel):
     kmeans_max_iter: int = Field(300, ge=1)
     batch_size: int = Field(512, ge=1, description="feature extraction batch size")
     raw_pixels_baseline: bool = Field(True, description="also cluster raw pixels for comparison")
+    embedding_baselines: bool = Field(
+        True, description="also UMAP (10-d) + K-means and, up to 10,000 images, t-SNE (2-d) + K-means on the raw "
+        "pixels of the same images (cached per images and seed), and UMAP + K-means on the run's representation")
 
 
 # Tag namespaces the platform writes itself (MLflow's standard tags, clusterlab's bookkeeping).

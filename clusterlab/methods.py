@@ -25,11 +25,16 @@ if TYPE_CHECKING:
 
 #: ACC / NMI / ARI: what every clustering reading logs under its prefix
 SCORES = ("acc", "nmi", "ari")
-#: the readings every method's evaluation logs (label for result tables, metric prefix)
+#: the readings every method's evaluation logs (label for result tables, metric prefix); UMAP +
+#: K-means on the representation with eval.embedding_baselines (N2D's reading)
 COMMON_READINGS = (("K-means, L2-normalised representations", "kmeans_norm"),
-                   ("K-means, raw representations", "kmeans_raw"))
-#: K-means on the raw pixels (eval.raw_pixels_baseline), the reference row of every table
-PIXELS_READING = ("K-means on raw pixels", "pixels")
+                   ("K-means, raw representations", "kmeans_raw"),
+                   ("UMAP + K-means, L2-normalised repr.", "umap_kmeans"))
+#: the baselines on the raw pixels of the same images, the reference rows of every table: K-means
+#: (eval.raw_pixels_baseline), UMAP / t-SNE + K-means (eval.embedding_baselines; eval/baselines.py)
+PIXELS_READINGS = (("K-means on raw pixels", "pixels"),
+                   ("UMAP (10-d) + K-means on raw pixels", "pixels_umap"),
+                   ("t-SNE (2-d) + K-means on raw pixels", "pixels_tsne"))
 #: every metric the training loop reports per epoch, whatever the method
 COMMON_EPOCH_METRICS = frozenset({"train_loss", "val_loss", "lr", "epoch_seconds", "images_per_second"})
 
@@ -114,9 +119,9 @@ def result_rows(methods: list[str] | None = None) -> list[tuple[str, str]]:
 
 
 def _table_rows(readings: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every evaluation's readings in table order: K-means on the representation, ``readings``,
-    K-means on the raw pixels."""
-    return [*COMMON_READINGS, *readings, PIXELS_READING]
+    """Every evaluation's readings in table order: K-means (and UMAP + K-means) on the
+    representation, ``readings``, the baselines on the raw pixels."""
+    return [*COMMON_READINGS, *readings, *PIXELS_READINGS]
 
 
 def lsdc_weight_decay(cfg: ExperimentConfig) -> float:

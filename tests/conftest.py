@@ -14,6 +14,14 @@ from reliability_report import pytest_configure, pytest_runtest_makereport, pyte
 os.environ.pop("RAY_ADDRESS", None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def baseline_cache(tmp_path_factory):
+    """The pixel baselines' cache (eval/baselines.py) in a folder of the session, shared with the
+    commands the tests start: nothing written to ~/.cache, each images' baselines computed once."""
+    os.environ["CLUSTERLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("clusterlab-cache"))
+    yield os.environ["CLUSTERLAB_CACHE_DIR"]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

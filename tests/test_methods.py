@@ -51,8 +51,10 @@ def test_an_unknown_method_names_the_registered_ones():
 
 def test_result_tables_show_the_readings_of_the_methods_asked_for():
     prefixes = [prefix for _, prefix in result_rows(["lsdc"])]
-    assert prefixes == ["kmeans_norm", "kmeans_raw", "head", "pixels"]
-    assert [p for _, p in result_rows()] == ["kmeans_norm", "kmeans_raw", "maxcomp", "kmeans_mixinit", "head", "pixels"]
+    baselines = ["pixels", "pixels_umap", "pixels_tsne"]
+    assert prefixes == ["kmeans_norm", "kmeans_raw", "umap_kmeans", "head", *baselines]
+    assert [p for _, p in result_rows()] == ["kmeans_norm", "kmeans_raw", "umap_kmeans", "maxcomp", "kmeans_mixinit",
+                                             "head", *baselines]
     # LSD-C Tables 2-4 report the cluster head; MIX'EM Table 1 row 6 the mixture-initialised K-means
     assert spec_for("lsdc").headline_metric in spec_for("lsdc").final_metrics()
     assert spec_for("mixem").headline_metric == "kmeans_mixinit_acc"

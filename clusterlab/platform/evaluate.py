@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from clusterlab.config import ExperimentConfig
 from clusterlab.data.augment import Normalize
 from clusterlab.data.datasets import load_split
+from clusterlab.eval.baselines import embedding_kmeans, pixel_baselines
 from clusterlab.eval.clustering import evaluate_mixture, head_metrics, relative_cluster_sizes
 from clusterlab.eval.feature_files import read_features, write_features
 from clusterlab.eval.features import iter_features, l2_normalize
@@ -91,6 +92,8 @@ def evaluate_features(
     probe_test: dict[str, np.ndarray] | None = None,
     num_classes: int | None = None,
     pixels: np.ndarray | None = None,
+    pixels_kmeans: bool = True,
+    embedding_baselines: bool = False,
     plots: bool = True,
     progress: bool = True,
 ) -> EvalResult:
@@ -103,8 +106,10 @@ def evaluate_features(
 
     Metrics: ``eval_images`` (how many images were clustered and scored),
     ``kmeans_norm_*`` (L2-normalised representation, MIX'EM Table 1 row 2),
-    ``kmeans_raw_*``, ``pixels_*`` (when ``pixels`` are given), each ``acc/nmi/ari`` plus the
-    best ``*_inertia``; ``maxcomp_*`` / ``kmeans_mixinit_*`` when MIX'EM coefficients are
+    ``kmeans_raw_*``, ``pixels_*`` (when ``pixels`` are given and ``pixels_kmeans``), each ``acc/nmi/ari`` plus the
+    best ``*_inertia``; with ``embedding_baselines``, ``umap_kmeans_*`` (UMAP + K-means on the
+    L2-normalised representation) and, when ``pixels`` are given, ``pixels_umap_*`` /
+    ``pixels_tsne_*`` (cached; :mod:`clusterlab.eval.baselines`); ``maxcomp_*`` / ``kmeans_mixinit_*`` when MIX'EM coefficients are
     present; ``head_*`` (argmax of the cluster head, confident-sample accuracy) when head
     probabilities are; ``linear_probe_acc`` when train features are given (fitted on ``train``,
     scored on ``probe_test``, default ``test``). ``device`` (``"cpu"`` /
@@ -119,7 +124,7 @@ def evaluate_features(
     k = k or len(np.unique(labels))
     normalized = test["representation_l2"] if "representation_l2" in test else l2_normalize(test["representation"])
     variants = {"kmeans_norm": normalized, "kmeans_raw": test["representation"]}
-    if pixels is not None:
+    if pixels is not None and pixels_kmeans:
         variants["pixels"] = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
     result = EvalResult({"eval_images": float(len(labels))})
     result.kmeans = kmeans_fanout(variants, k, n_init=n_init, labels=labels, num_classes=num_classes,
@@ -128,6 +133,12 @@ def evaluate_features(
         result.metrics.update({f"{prefix}_{m}": v
                                for m, v in clustering_metrics(labels, run.labels, k, num_classes).items()})
         result.metrics[f"{prefix}_inertia"] = run.inertia
+    if embedding_baselines:
+        result.metrics.update({f"umap_kmeans_{m}": v for m, v in
+                               embedding_kmeans(normalized, labels, "umap", k, num_classes, n_init, seed).items()})
+        if pixels is not None:
+            result.metrics.update(pixel_baselines(pixels, labels, k, num_classes, n_init=n_init, seed=seed,
+                                                  progress=progress))
     if "coefficients" in test:
         result.metrics.update(evaluate_mixture(normalized, test["coefficients"], labels, k, max_iter, seed,
                                                device=local_device(device), num_classes=num_classes))
@@ -190,7 +201,7 @@ def evaluate_checkpoint(
     train_images = _extract_features(method, meta, cfg, "train", features_dir, local, progress)
     ev = cfg.eval
     pixels = None
-    if ev.raw_pixels_baseline:
+    if ev.raw_pixels_baseline or ev.embedding_baselines:
         pixels = test_images if ev.split == "test" else np.concatenate([train_images, test_images])
     files = {split: features_dir / f"{split}.parquet" for split in ("train", "test")}
     if ev.split == "all":  # read once, train rows then test rows; the splits are views of it
@@ -204,8 +215,9 @@ def evaluate_checkpoint(
     result = evaluate_features(features, k or meta.num_classes,
                                n_init=n_init or ev.kmeans_n_init, max_iter=ev.kmeans_max_iter,
                                seed=cfg.seed if seed is None else seed, tasks=tasks, device=device, train=train,
-                               probe_test=test, num_classes=meta.num_classes, pixels=pixels, plots=plots,
-                               progress=progress)
+                               probe_test=test, num_classes=meta.num_classes, pixels=pixels,
+                               pixels_kmeans=ev.raw_pixels_baseline, embedding_baselines=ev.embedding_baselines,
+                               plots=plots, progress=progress)
     result.feature_files = files
     result.split = ev.split
     return result
