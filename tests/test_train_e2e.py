@@ -26,7 +26,10 @@ def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, caps
         "--tag", "team=vision", "--note", "two epochs, **narrow** CNN", "tracking.system_metrics_interval_s=1",
     ])
     assert code == 0
-    assert "K-means, L2-normalised representations" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    for row in ("K-means, L2-normalised representations", "UMAP + K-means, L2-normalised repr.",
+                "UMAP (10-d) + K-means on raw pixels", "t-SNE (2-d) + K-means on raw pixels"):
+        assert row in printed, row
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("e2e")
@@ -51,7 +54,8 @@ def test_train_on_digits_lands_in_mlflow(ray_local, tracking_uri, tmp_path, caps
     assert run.data.params["optim.lr"] == "0.002" and run.data.params["epochs"] == "2"
     for key in ("train_loss", "train_loss_contrast", "val_loss", "lr", "images_per_second"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
-    for key in ("kmeans_norm_acc", "kmeans_norm_nmi", "kmeans_norm_ari", "kmeans_raw_acc", "pixels_acc"):
+    for key in ("kmeans_norm_acc", "kmeans_norm_nmi", "kmeans_norm_ari", "kmeans_raw_acc", "pixels_acc",
+                "umap_kmeans_acc", "pixels_umap_acc", "pixels_tsne_acc"):
         assert 0.0 <= run.data.metrics[key] <= 1.0, key
     assert run.data.metrics["kmeans_norm_acc"] > 0.15  # well above chance (0.1) even after 2 epochs
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
