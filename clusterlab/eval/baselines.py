@@ -12,7 +12,7 @@ embedding of the images, then K-means in it.
 
 Pixel baselines depend on the images, labels, K, seed and settings only, never on a run, so
 :func:`pixel_baselines` caches them in a content-addressed JSON file (the SHA-256 of the pixels,
-labels and settings names it) under ``$CLUSTERLAB_CACHE_DIR`` (default
+labels, settings and library versions names it) under ``$CLUSTERLAB_CACHE_DIR`` (default
 ``~/.cache/clusterlab``): every run on the same images reads them back instead of spending a
 minute recomputing them. Pure NumPy / scikit-learn / umap-learn, no Ray or MLflow.
 """
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -84,7 +85,9 @@ def pixel_baselines(pixels: np.ndarray, labels: np.ndarray, k: int, num_classes:
     flat = pixels.reshape(len(pixels), -1)
     kinds: list[Embedding] = ["umap"] + (["tsne"] if len(flat) <= TSNE_MAX_IMAGES else [])
     settings = {"version": CACHE_VERSION, "k": k, "num_classes": num_classes, "n_init": n_init, "seed": seed,
-                "umap": UMAP_SETTINGS, "tsne": TSNE_SETTINGS, "kinds": kinds}
+                "umap": UMAP_SETTINGS, "tsne": TSNE_SETTINGS, "kinds": kinds,
+                # another release may embed differently: its results are other baselines
+                "versions": {name: version(name) for name in ("umap-learn", "scikit-learn")}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(flat).tobytes())
     digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
