@@ -291,15 +291,18 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from clusterlab.platform.tracking import resolve_tracking_uri
+    from clusterlab.platform.tracking import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-            "--port", str(args.port)]
+    check_tracking_uri(uri)
+    # The store URI reaches MLflow through its environment variable, never the command line: a
+    # process's argv is readable by every local user, its environment only by its owner.
+    argv = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     # MLflow 3 opens in its GenAI view; the runs, sweeps and charts are under "Model training".
     print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning "
           f"(store {redact_uri(uri)}); Ctrl+C stops it", flush=True)
-    os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, env)
     return 0  # not reached
 
 

@@ -68,6 +68,69 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+#: The store kinds MLflow 3 tracks into: SQLAlchemy databases and a tracking server.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SERVER_SCHEMES = ("http", "https", "databricks")
+#: DB-API module -> the package that installs it.
+_DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                    "pymysql": "pymysql", "pyodbc": "pyodbc"}
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse, before anything starts or is written, a tracking URI MLflow cannot open, with
+    what to write instead (MLflow's own errors come as tracebacks, or after minutes of
+    retries for a SQLite path that is a directory): an unsupported scheme, a file store (MLflow
+    3 keeps it in maintenance mode and refuses it), a database whose driver is not installed, a
+    SQLite "database" that is a directory or another kind of file."""
+    from urllib.parse import urlsplit
+
+    shown = redact_uri(uri)
+    where = f"tracking.uri / --tracking-uri / ${TRACKING_URI_ENV} ({shown!r})"
+    scheme = urlsplit(uri).scheme.lower()
+    kind = scheme.split("+", 1)[0]
+    if kind in SERVER_SCHEMES:
+        return
+    if kind in ("", "file"):
+        raise ConfigError(f"{where}: a path or file: URI is an MLflow file store, which MLflow 3 no longer opens; "
+                          f"use a database, e.g. sqlite:///{Path.cwd() / 'mlflow.db'}, or a server's http(s):// URL")
+    if kind not in DATABASE_SCHEMES:
+        raise ConfigError(f"{where}: unsupported scheme {scheme!r}; use sqlite:///<path>, postgresql://, mysql://, "
+                          f"mssql:// (optionally +driver) or a tracking server's http(s):// URL")
+    if kind == "sqlite":
+        _check_sqlite_file(uri, where)
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ArgumentError as exc:
+        raise ConfigError(f"{where}: not a database URL ({exc})") from None
+    except (ImportError, NoSuchModuleError) as exc:
+        package = _DRIVER_PACKAGES.get(getattr(exc, "name", None) or "", "its driver")
+        raise ConfigError(f"{where}: the {scheme} database driver is not installed ({exc}); "
+                          f"pip install {package}, or name another driver as {kind}+<driver>://") from None
+
+
+def _check_sqlite_file(uri: str, where: str) -> None:
+    rest = uri.split(":", 1)[1]
+    if not rest.startswith("///"):
+        raise ConfigError(f"{where}: a SQLite URI is sqlite:///<relative path> or sqlite:////<absolute path>")
+    database = Path(rest[3:].split("?", 1)[0])
+    if database.name in ("", ":memory:"):
+        raise ConfigError(f"{where}: name a database file, e.g. sqlite:///{Path.cwd() / 'mlflow.db'} "
+                          f"(an in-memory store would lose every run)")
+    if database.is_dir():
+        raise ConfigError(f"{where}: {database} is a directory; name a database file in it, e.g. "
+                          f"sqlite:///{database / 'mlflow.db'}")
+    if database.is_file() and database.stat().st_size:
+        with open(database, "rb") as f:
+            if f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+                raise ConfigError(f"{where}: {database} exists and is not a SQLite database; name another file "
+                                  f"(clusterlab never overwrites it)")
+
+
 TRACKING_TIMEOUT_ENV = "CLUSTERLAB_TRACKING_TIMEOUT"
 DEFAULT_TRACKING_TIMEOUT = 30.0
 
@@ -110,6 +173,7 @@ def connect(uri: str) -> MlflowClient:
     created (schema and migrations) under an exclusive file lock beside it: MLflow's creation
     is not safe when two commands open a new store at once (the second failed with
     "table _alembic_tmp_... already exists")."""
+    check_tracking_uri(uri)
     check_reachable(uri)
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
