@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 from clusterlab import __version__
-from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, load_config
+from clusterlab.config import PRESETS, ConfigError, ExperimentConfig, build_config, dotted_overrides, load_config
 from clusterlab.data.datasets import DATASETS
 from clusterlab.methods import SPECS, result_rows
 from clusterlab.platform.preflight import check_inputs
@@ -52,16 +52,16 @@ def _run_args(p: argparse.ArgumentParser, experiment_help: str) -> None:
 
 def _run_overrides(args: argparse.Namespace) -> list[str]:
     """``_run_args``' options as the overrides they stand for (after the user's own, so they win)."""
-    out = [f"{key}={json.dumps(value)}" for key, value in (
+    values = {key: value for key, value in (
         ("data.root", args.data_root), ("init_from", args.init_from), ("tracking.uri", args.tracking_uri),
-        ("tracking.note", args.note)) if value is not None]
+        ("tracking.note", args.note)) if value is not None}
     for item in args.tag:
         key, sep, value = item.partition("=")
         if not sep or not key or "." in key:
             raise ConfigError(f"--tag {item!r}: write KEY=VALUE with a KEY without '.' (a dotted tag name goes in a "
                               "YAML file's tracking.tags)")
-        out.append(f"tracking.tags.{key}={json.dumps(value)}")
-    return out
+        values[f"tracking.tags.{key}"] = value
+    return dotted_overrides(values)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -80,9 +80,9 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
     if config and "=" in config:  # no YAML given: the first positional is an override
         config, overrides = None, [config, *overrides]
     overrides += _run_overrides(args)
-    for key, value in (("run_name", args.run_name), ("tracking.experiment", args.experiment)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides += dotted_overrides({key: value for key, value in (("run_name", args.run_name),
+                                                                  ("tracking.experiment", args.experiment))
+                                   if value is not None})
     return load_config(config, overrides, preset=args.preset)
 
 

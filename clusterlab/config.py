@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import reprlib
+from collections.abc import Hashable
 from datetime import datetime
 from pathlib import Path
 from types import UnionType
@@ -126,7 +128,7 @@ class OptimConfig(StrictModel):
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
         if any(m < 1 for m in v) or v != sorted(set(v)):
-            raise ValueError(f"milestones must be increasing epochs >= 1, got {v}")
+            raise ValueError("milestones must be increasing epochs >= 1")
         return v
 
 
@@ -421,7 +423,7 @@ class ExperimentConfig(StrictModel):
         """The config as YAML, credentials in its URIs masked (it is printed and logged)."""
         from clusterlab.redact import redact_values
 
-        return yaml.safe_dump(redact_values(self.model_dump(mode="json")), sort_keys=False)
+        return yaml.safe_dump(redact_values(self.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------- presets
@@ -625,18 +627,89 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _construct_mapping_once(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping whose keys are unique: YAML's "last one wins" would drop a setting unseen."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice in one mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _construct_mapping_once  # type: ignore[method-assign]
+
+#: Bounds on what a config or search-space file may cost to read: its size, and the size of
+#: its value once YAML aliases are expanded (a few hundred bytes of nested aliases, a
+#: "billion laughs", expand to gigabytes when a value is printed or validated).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """The number of values in ``value`` with every alias expanded, counted without expanding
+    (each shared container is counted once and multiplied), stopping past ``limit``."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) not in sizes:
+            sizes[id(v)] = 0  # a recursive alias: counted as one value, refused by validation
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            total = 1
+            for item in items:
+                total += size(item)
+                if total > limit:
+                    break
+            sizes[id(v)] = total
+        return sizes[id(v)]
+
+    return size(value)
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)
+        value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        detail = str(exc)
+        raise ConfigError(f"{source}: not valid YAML: {detail[:600]}{'...' if len(detail) > 600 else ''}") from None
+    if _expanded_size(value, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+        raise ConfigError(f"{source}: its YAML aliases expand to more than {MAX_CONFIG_NODES:,} values; a config "
+                          f"needs a few hundred: write the values out instead of nesting aliases")
+    return value
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` in at most about ``limit`` characters, without building the whole repr
+    (an error message quotes a value; it must not print megabytes of it)."""
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = limit
+    shortener.maxlist = shortener.maxdict = shortener.maxtuple = shortener.maxset = 10
+    shortener.maxlevel = 3
+    text = shortener.repr(value) if not isinstance(value, str) or len(value) > limit else repr(value)
+    return text if len(text) <= limit + 10 else text[:limit] + "..."
+
+
+def read_config_text(path: Path, what: str = "config file") -> str:
+    """The UTF-8 text of a config or search-space file, refused above :data:`MAX_CONFIG_BYTES`."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {path} is {size:,} bytes; a config is a few KB (at most {MAX_CONFIG_BYTES:,} "
+                          f"bytes): is it the right file?")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def read_yaml_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = parse_yaml(path.read_text(), str(path)) or {}
+    data = parse_yaml(read_config_text(path), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config fields")
     return data
@@ -697,7 +770,7 @@ def format_validation_error(exc: ValidationError, source: str, root: type[BaseMo
             allowed = _allowed_keys(loc, root or ExperimentConfig)
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {short_repr(err['input'])})"
         lines.append(f"  {field}: {msg}")
     return "\n".join(lines)
 
@@ -726,8 +799,9 @@ def build_stored_config(raw: Mapping[str, Any], source: str) -> ExperimentConfig
 
 def dotted_overrides(values: Mapping[str, Any]) -> list[str]:
     """``{dotted key: value}`` as ``key=value`` overrides. JSON is valid YAML, so every value
-    round-trips through :func:`apply_overrides` unchanged."""
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    round-trips through :func:`apply_overrides` unchanged; non-ASCII text stays literal (JSON's
+    ``\\ud83d\\ude42`` escape of an emoji is two lone surrogates to YAML)."""
+    return [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in values.items()]
 
 
 def resolve_raw(
@@ -780,9 +854,28 @@ def load_config(
     return build_config(*resolve_raw(path, overrides, preset))
 
 
+#: The longest param value MLflow stores whole (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``);
+#: MLflow cuts a longer one, which then never equals the config it came from.
+PARAM_VALUE_LIMIT = 6000
+
+
+def param_value(text: str) -> str:
+    """``text`` as an MLflow param: whole up to :data:`PARAM_VALUE_LIMIT` characters, else its
+    head and the SHA-256 of the whole (config.yaml beside the params keeps every value), so that
+    the same config gives the same param and a resumed run compares equal."""
+    if len(text) <= PARAM_VALUE_LIMIT:
+        return text
+    import hashlib
+
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    tail = f"... ({len(text)} characters, sha256 {digest}; whole in config.yaml)"
+    return text[:PARAM_VALUE_LIMIT - len(tail)] + tail
+
+
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:
-    """Dotted ``section.key -> value`` pairs, for MLflow params (credentials in URIs masked).
-    Other methods' config sections are left out: a run's params are what it used."""
+    """Dotted ``section.key -> value`` pairs, for MLflow params (credentials in URIs masked;
+    values over MLflow's length limit as :func:`param_value` shortens them). Other methods'
+    config sections are left out: a run's params are what it used."""
     from clusterlab.methods import SPECS
     from clusterlab.redact import redact_uri
 
@@ -793,7 +886,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            flat[prefix] = redact_uri(str(value))
+            flat[prefix] = param_value(redact_uri(str(value)))
 
     others = {spec.config_section for spec in SPECS.values() if spec.name != cfg.method}
     # Tags and the note are the run's tags, not params: they may change when a run resumes.

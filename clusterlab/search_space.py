@@ -50,6 +50,7 @@ from clusterlab.config import (
     dotted_overrides,
     format_validation_error,
     parse_yaml,
+    read_config_text,
     resolve_raw,
 )
 from clusterlab.methods import spec_for
@@ -250,14 +251,30 @@ def find_search_space(path: str | Path) -> Path:
     raise ConfigError(f"search space {path} does not exist; shipped ones (by name, from anywhere): {shipped or 'none'}")
 
 
+def _canonical_search_keys(search: Any, path: Path) -> Any:
+    """``search`` with MIX'EM's lambda names as the keys they alias; one key given under two
+    names is refused (one of its grids would be dropped without a word)."""
+    if not isinstance(search, dict):
+        return search
+    out: dict[str, Any] = {}
+    named: dict[str, str] = {}
+    for key, value in search.items():
+        canonical = LAMBDA_ALIASES.get(key, key)
+        if canonical in out:
+            raise ConfigError(f"{path}: search.{key} and search.{named[canonical]} are the same key ({canonical}); "
+                              f"search it once")
+        out[canonical], named[canonical] = value, key
+    return out
+
+
 def load_search_space(path: str | Path, extra_overrides: Sequence[str] = ()) -> tuple[SearchSpace, dict[str, Any], str]:
     """Read and validate a search-space file -> (space, raw base config, the file's text)."""
     path = find_search_space(path)
-    text = path.read_text()
+    text = read_config_text(path, "search space")
     data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping (base, search, tune, ...)")
-    data["search"] = {LAMBDA_ALIASES.get(k, k): v for k, v in (data.get("search") or {}).items()}
+    data["search"] = _canonical_search_keys(data.get("search") or {}, path)
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:

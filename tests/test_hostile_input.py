@@ -113,3 +113,113 @@ def test_the_ui_never_puts_the_store_uri_on_a_command_line(tmp_path):
         os.killpg(ui.pid, signal.SIGKILL)
         ui.wait()
     assert len(seen) > 1, "the UI started no worker within 60 s"
+
+
+# ----------------------------------------------------------------------- text is text
+
+EMOJI = "🙂"
+
+
+@pytest.mark.reliability("emoji (non-BMP Unicode) in --note, --tag, --data-root, --experiment",
+                         "the text arrives unchanged in the config, the printed YAML and the MLflow run's tags, "
+                         "description and params (it was turned into lone surrogates and refused or crashed)")
+def test_non_bmp_text_in_options_arrives_unchanged(tmp_path, capsys):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from clusterlab.platform import tracking
+
+    folder = tmp_path / f"data {EMOJI}"
+    folder.mkdir()
+    argv = ["--preset", "simclr_digits", "--note", f"{EMOJI} note", "--tag", f"mood={EMOJI}",
+            "--data-root", str(folder), "--experiment", f"exp {EMOJI}"]
+    assert cli.main(["config", *argv]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["tracking"]["note"] == f"{EMOJI} note" and printed["tracking"]["tags"] == {"mood": EMOJI}
+    assert printed["data"]["root"] == str(folder) and printed["tracking"]["experiment"] == f"exp {EMOJI}"
+    assert EMOJI in cli._load(cli.parse_args(["train", *argv])).to_yaml()  # literal, not "\U0001F642"
+
+    client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id, _ = tracking.start_run(client, cli._load(cli.parse_args(["train", *argv])), "unicode")
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.data.tags["mood"] == EMOJI and run.data.tags["mlflow.note.content"] == f"{EMOJI} note"
+    assert run.data.params["data.root"] == str(folder)
+    assert client.get_experiment(run.info.experiment_id).name == f"exp {EMOJI}"
+
+
+# ----------------------------------------------------------------------- YAML with bounded cost
+
+def _bomb(levels: int) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nepochs: *a{levels - 1}\n"
+
+
+@pytest.mark.reliability("a config file of nested YAML aliases (billion laughs), a 2 MB config, duplicate YAML keys",
+                         "exit 2 at once naming the file: the aliases' expanded size, the file size, the key given "
+                         "twice; no message quotes more than a few hundred characters of a value")
+@pytest.mark.parametrize("levels", [3, 9, 10])
+def test_yaml_bombs_are_refused_at_bounded_cost(levels, tmp_path, capsys):
+    import tracemalloc
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb(levels))
+    assert path.stat().st_size < 1000
+    tracemalloc.start()
+    assert cli.main(["config", str(path)]) == 2
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert str(path) in err and len(err) < 2000, err[:3000]
+    assert peak < 50 * 2 ** 20
+    if 9 ** levels > 100_000:
+        assert "aliases expand to more than 100,000 values" in err
+    else:  # small enough to validate: the message quotes the value shortened
+        assert "epochs: Input should be a valid integer" in err and "..." in err
+
+
+def test_oversized_and_duplicate_key_configs_are_refused(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("epochs: 3\n" + "# padding\n" * 200_000)
+    assert cli.main(["config", str(big)]) == 2
+    assert f"config file {big} is 2,000,010 bytes" in capsys.readouterr().err
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("epochs: 3\noptim: {lr: 1e-3}\nepochs: 5\n")
+    assert cli.main(["config", str(twice)]) == 2
+    assert "key 'epochs' given twice in one mapping" in capsys.readouterr().err
+    space = tmp_path / "space.yaml"
+    space.write_text("base: mixem_digits\nsearch: {lambda_3: {grid: [0, 0.1]}, loss.weights.push: {grid: [0.5]}}\n")
+    assert cli.main(["sweep", str(space), "--dry-run"]) == 2
+    assert "search.loss.weights.push and search.lambda_3 are the same key (loss.weights.push)" in \
+        capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- params MLflow cuts
+
+@pytest.mark.reliability("a param longer than MLflow stores (optim.milestones of 1,499 values), run resumed",
+                         "the param is stored as its head + SHA-256, under MLflow's limit; the same config resumes "
+                         "the run (it was refused as 'a different config' forever), another one is refused with a "
+                         "message of a few hundred characters")
+def test_a_run_with_a_param_over_mlflows_limit_resumes(tmp_path):
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from clusterlab.config import PARAM_VALUE_LIMIT, load_config
+    from clusterlab.platform import tracking
+
+    assert PARAM_VALUE_LIMIT == MAX_PARAM_VAL_LENGTH
+    def cfg(first: int):
+        return load_config(None, ["epochs=1500", "optim.schedule=multistep",
+                                  f"optim.milestones={list(range(first, 1500))}"], preset="simclr_digits")
+
+    client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id, resumed = tracking.start_run(client, cfg(1), "longp")
+    assert not resumed
+    stored = client.get_run(run_id).data.params["optim.milestones"]
+    assert len(stored) <= MAX_PARAM_VAL_LENGTH and "sha256" in stored
+    client.set_terminated(run_id, "KILLED")
+    assert tracking.start_run(client, cfg(1), "longp") == (run_id, True)
+    client.set_terminated(run_id, "KILLED")
+    with pytest.raises(ValueError) as exc:
+        tracking.start_run(client, cfg(2), "longp")
+    assert "exists with a different config (1 params differ: optim.milestones" in str(exc.value)
+    assert len(str(exc.value)) < 1000

@@ -307,7 +307,7 @@ def write_section(path: Path, title: str, section: str) -> None:
         after = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + after if after else "")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(new)
+    tmp.write_text(new, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
-from clusterlab.config import ConfigError, ExperimentConfig, flatten
+from clusterlab.config import ConfigError, ExperimentConfig, flatten, short_repr
 from clusterlab.redact import redact_text, redact_uri
 
 TRACKING_URI_ENV = "CLUSTERLAB_TRACKING_URI"
@@ -327,8 +327,10 @@ def start_run(client: MlflowClient, cfg: ExperimentConfig, run_name: str,
         logged = previous.data.params
         changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
         if changed:
+            shown = "; ".join(f"{k}: {short_repr(old)} logged, {short_repr(new)} now"
+                              for k, (old, new) in list(changed.items())[:10])
             raise ValueError(
-                f"run name {run_name!r} exists with a different config {changed} (logged, new); "
+                f"run name {run_name!r} exists with a different config ({len(changed)} params differ: {shown}); "
                 "choose another run_name to start a new run"
             )
         claim_run(client, existing)

@@ -81,7 +81,7 @@ def save_checkpoint(directory: str | Path, *, method: Method, optimizer: torch.o
         **({"epoch_progress": epoch_progress} if epoch_progress else {}),
     })
     _write_atomically(directory / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
-    _write_atomically(directory / "config.yaml", lambda tmp: tmp.write_text(method.cfg.to_yaml()))
+    _write_atomically(directory / "config.yaml", lambda tmp: tmp.write_text(method.cfg.to_yaml(), encoding="utf-8"))
     _write_atomically(directory / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history or [])))
     return directory / CHECKPOINT_FILE
 
