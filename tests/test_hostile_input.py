@@ -223,3 +223,41 @@ def test_a_run_with_a_param_over_mlflows_limit_resumes(tmp_path):
         tracking.start_run(client, cfg(2), "longp")
     assert "exists with a different config (1 params differ: optim.milestones" in str(exc.value)
     assert len(str(exc.value)) < 1000
+
+
+# ----------------------------------------------------------------------- Ray addresses
+
+@pytest.mark.reliability("a bad Ray address: RAY_ADDRESS=garbage, --address ray://nohost.invalid:10001, "
+                         "RAY_ADDRESS=127.0.0.1:1 (nothing listening)",
+                         "exit 2 within seconds naming $RAY_ADDRESS / --address, the accepted forms or that nothing "
+                         "answers there, no traceback (it was a traceback, one after 38 s, or retries without end)")
+@pytest.mark.parametrize(("command", "env_address", "expected"), [
+    (["train", "epochs=3"], "garbage", "$RAY_ADDRESS ('garbage'): not a Ray address; use local, auto"),
+    (["train", "epochs=3", "--address", "ray://nohost.invalid:10001"], None,
+     "--address ('ray://nohost.invalid:10001'): nothing answers at nohost.invalid:10001"),
+    (["evaluate", "--features", "{features}"], "127.0.0.1:1",
+     "$RAY_ADDRESS ('127.0.0.1:1'): nothing answers at 127.0.0.1:1 (Connection refused)"),
+], ids=["garbage", "unresolvable-client", "dead-gcs"])
+def test_a_bad_ray_address_is_refused_at_once(command, env_address, expected, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from clusterlab.eval.feature_files import write_features
+
+    features = tmp_path / "f.parquet"
+    write_features(features, [{"index": np.arange(12), "label": np.arange(12) % 3,
+                               "representation": np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)}])
+    env = {**os.environ, "CLUSTERLAB_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    if env_address:
+        env["RAY_ADDRESS"] = env_address
+    argv = [a.replace("{features}", str(features)) for a in command]
+    if argv[0] == "train":
+        argv.append(f"storage_path={tmp_path / 'ray'}")
+    done = subprocess.run([sys.executable, "-m", "clusterlab.cli", *argv], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]

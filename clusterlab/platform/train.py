@@ -230,16 +230,49 @@ def resolve_init_from(client: tracking.MlflowClient, cfg: ExperimentConfig, stor
     return path.resolve()
 
 
+RAY_ADDRESS_PROBE_TIMEOUT_S = 5.0
+_RAY_ADDRESS_FORMS = "local, auto, HOST:PORT (the head's GCS port, 6379) or ray://HOST:PORT (Ray Client, 10001)"
+
+
+def check_ray_address(address: str, source: str) -> None:
+    """Refuse at once a Ray address that is malformed or where nothing answers (a TCP connect
+    within 5 s): Ray's own client retries a dead ``ray://`` address for about 40 s and a dead
+    GCS address without end before its traceback."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("local", "auto"):
+        return
+    where = f"{source} ({address!r})"
+    client = address.startswith("ray://")
+    try:
+        parts = urlsplit(address if client else f"//{address}")
+        host, port = parts.hostname, parts.port or (10001 if client else None)
+    except ValueError:
+        host = port = None
+    if not host or port is None or (parts.scheme not in ("", "ray")) or parts.path not in ("", "/"):
+        raise ConfigError(f"{where}: not a Ray address; use {_RAY_ADDRESS_FORMS}")
+    try:
+        socket.create_connection((host, port), timeout=RAY_ADDRESS_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"{where}: nothing answers at {host}:{port} ({exc.strerror or type(exc).__name__}); "
+                          f"start the cluster (ray start --head), fix the address, or unset RAY_ADDRESS / "
+                          f"pass --address local for a private local Ray") from None
+
+
 def init_ray(address: str | None) -> None:
     """Join the Ray cluster at ``address``, else at ``$RAY_ADDRESS`` (Ray's convention; a Ray
     job's entrypoint gets its cluster's address there, so a job submitted without
     ``--address`` still trains on that cluster), else start a private local Ray.
-    ``address="local"`` always starts a private one."""
+    ``address="local"`` always starts a private one. A bad address is refused first
+    (:func:`check_ray_address`)."""
     import ray
 
     if ray.is_initialized():
         return
+    source = "--address" if address else "$RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    check_ray_address(address, source)
     try:
         with around_ray_init():  # a signal lost in ray.init's at-fork hooks comes again
             if address != "local":
@@ -250,6 +283,8 @@ def init_ray(address: str | None) -> None:
                 ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
     except SystemExit:  # ray.init's own SIGTERM handler (installed outside catch_signals)
         raise Interrupted(signal.SIGTERM) from None
+    except ConnectionError as exc:  # e.g. `auto` with no cluster on this machine
+        raise ConfigError(f"{source} ({address!r}): {exc}; use {_RAY_ADDRESS_FORMS}") from None
     finally:
         reclaim_signals()  # ours again, and a signal swallowed during ray.init raised
 
