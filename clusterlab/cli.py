@@ -134,7 +134,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from clusterlab.platform.run import train
 
     common = ["tracking.experiment=clusterlab-demo", f"resources.cpus_per_worker={args.cpus}"]
-    base_cfg = load_config(None, [*common, *([f"epochs={args.epochs}"] if args.epochs else [])], preset="simclr_digits")
+    shorter = []
+    if args.epochs is not None:  # the preset's warm-up must stay shorter than the run
+        warmup = PRESETS["simclr_digits"]["optim"]["warmup_epochs"]
+        shorter = [f"epochs={args.epochs}", f"optim.warmup_epochs={min(warmup, args.epochs - 1)}"]
+    base_cfg = load_config(None, [*common, *shorter], preset="simclr_digits")
     print(f"clusterlab demo 1/2: base SimCLR encoder on scikit-learn's digits ({base_cfg.epochs} epochs, Ray Train, CPU)",
           flush=True)
     base = train(base_cfg, address=args.address)
@@ -163,6 +167,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from clusterlab.platform.sources import EvalSource, evaluate_source
 
     options = _eval_options(args)
+    if args.json:  # checked now: the evaluation may take minutes before it writes there
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir():
+            raise ConfigError(f"--json {args.json}: " + ("is a directory" if target.is_dir() else
+                              f"its folder {target.parent} does not exist") + "; name a file in an existing folder")
     source = EvalSource(run_id=args.run_id, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
                         features=Path(args.features) if args.features else None,
                         train_features=Path(args.train_features) if args.train_features else None,
@@ -321,6 +330,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train SimCLR then MIX'EM on the bundled digits through Ray Train, evaluate, "
                                     "log to MLflow",
@@ -328,7 +347,7 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
                                    "CPU only, a few minutes on 2 cores: a base SimCLR encoder (preset simclr_digits), "
                                    "then MIX'EM continued from it (preset mixem_digits). Prints ACC/NMI/ARI of both "
                                    "side by side, with K-means on raw pixels as the baseline.")
-    p.add_argument("--epochs", type=int, help="base-encoder epochs (default: the simclr_digits preset's)")
+    p.add_argument("--epochs", type=_positive_int, help="base-encoder epochs (default: the simclr_digits preset's)")
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs for the training worker")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.set_defaults(func=cmd_demo)

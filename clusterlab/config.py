@@ -361,7 +361,8 @@ class ExperimentConfig(StrictModel):
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     batch_size: int = Field(512, ge=2, description="global batch size, split across workers")
     epochs: int = Field(100, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds torch, numpy and the data order (32 bits: what "
+                                                          "numpy's legacy seeding and DataLoader workers take)")
     run_name: str | None = Field(None, description="Ray Train run name; the same name resumes that run")
     init_from: str | None = Field(
         None, description="checkpoint directory/file or MLflow run id whose backbone initialises this run"

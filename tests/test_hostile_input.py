@@ -261,3 +261,25 @@ def test_a_bad_ray_address_is_refused_at_once(command, env_address, expected, tm
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_demo_epochs_sets_a_warmup_that_fits_and_refuses_zero(monkeypatch, capsys):
+    from clusterlab.platform import run
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def record(cfg, address=None):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(run, "train", record)
+    with pytest.raises(Stop):
+        cli.main(["demo", "--epochs", "1"])
+    assert (seen[0].epochs, seen[0].optim.warmup_epochs) == (1, 0)  # the preset's 2 warm-up epochs would not fit
+    assert "(1 epochs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--epochs", "0"])  # it printed "(40 epochs ...)" and trained 40
+    assert exc.value.code == 2 and "--epochs: must be at least 1, got 0" in capsys.readouterr().err
