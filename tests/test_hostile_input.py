@@ -283,3 +283,39 @@ def test_demo_epochs_sets_a_warmup_that_fits_and_refuses_zero(monkeypatch, capsy
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--epochs", "0"])  # it printed "(40 epochs ...)" and trained 40
     assert exc.value.code == 2 and "--epochs: must be at least 1, got 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- numerics
+
+@pytest.mark.parametrize("factor", [1e20, 1e-20])
+def test_evaluation_is_scale_invariant_for_any_finite_features(factor):
+    """Digits pixels as features, scaled by 1e20 / 1e-20: float32 row norms and squared
+    distances overflow / underflow there (kmeans_norm ACC read 0.102 instead of 0.790, inertia
+    0). K-means and the normalisation are scale-invariant, so the metrics equal the unscaled."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from clusterlab.api import evaluate_features
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    plain = evaluate_features({"label": digits.target, "representation": x}, n_init=3, device="cpu").metrics
+    scaled = evaluate_features({"label": digits.target, "representation": (x * factor).astype(np.float32)},
+                               n_init=3, device="cpu").metrics
+    for key in ("kmeans_norm_acc", "kmeans_norm_nmi", "kmeans_norm_ari", "kmeans_raw_acc", "kmeans_raw_nmi"):
+        assert scaled[key] == pytest.approx(plain[key], abs=2e-3), key
+    assert plain["kmeans_norm_acc"] > 0.7
+    assert scaled["kmeans_raw_inertia"] == pytest.approx(plain["kmeans_raw_inertia"] * factor ** 2, rel=1e-3)
+
+
+def test_batched_kmeans_refuses_nan_and_complex_input():
+    import numpy as np
+
+    from clusterlab.eval.kmeans import batched_kmeans
+
+    x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="complex values"):
+        batched_kmeans(x.astype(np.complex64), 2, n_init=1)
+    x[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        batched_kmeans(x, 2, n_init=1)

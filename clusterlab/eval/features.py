@@ -11,9 +11,12 @@ from tqdm.auto import tqdm
 from clusterlab.data.augment import Normalize
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalisation (MIX'EM Table 1 row 2: normalise before K-means)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation (MIX'EM Table 1 row 2: normalise before K-means), in float64:
+    float32 row norms of features near 1e20 overflow, near 1e-20 underflow. Zero rows stay zero."""
+    wide = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(wide, axis=1, keepdims=True)
+    return (wide / np.where(norms > 0, norms, 1.0)).astype(np.result_type(x, np.float32))
 
 
 @torch.no_grad()

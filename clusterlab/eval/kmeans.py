@@ -72,9 +72,10 @@ def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, k: int, b: int, gen: 
     return centers
 
 
-def _initial_centroids(x: torch.Tensor, x_sq: torch.Tensor, mean: torch.Tensor, k: int, n_init: int,
+def _initial_centroids(x: torch.Tensor, x_sq: torch.Tensor, mean: torch.Tensor, scale: float, k: int, n_init: int,
                        init: str | np.ndarray | torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """(B, K, D) starting centroids in the centred coordinates of ``x`` (``x`` minus ``mean``)."""
+    """(B, K, D) starting centroids in the scaled, centred coordinates of ``x`` (the data times
+    ``scale``, minus ``mean``)."""
     if isinstance(init, str):
         if init == "k-means++":
             return _kmeans_plus_plus(x, x_sq, k, n_init, gen)
@@ -87,7 +88,7 @@ def _initial_centroids(x: torch.Tensor, x_sq: torch.Tensor, mean: torch.Tensor, 
         given = given.unsqueeze(0)
     if given.shape[1:] != (k, x.shape[1]):
         raise ValueError(f"init centroids must be (K, D) = ({k}, {x.shape[1]}) or (B, K, D), got {tuple(given.shape)}")
-    return given - mean
+    return given * scale - mean
 
 
 def _relocate_empty(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, min_d: torch.Tensor,
@@ -149,24 +150,36 @@ def batched_kmeans(
             per-initialisation accuracy, MIX'EM Fig. 5).
     """
     xt = _as_tensor(x)
+    if torch.is_complex(xt):
+        raise ValueError("x must be real and finite (complex values found)")
     device = torch.device(device) if device is not None else xt.device
     xt = xt.to(device=device, dtype=torch.float32)
     if xt.ndim != 2:
         raise ValueError(f"x must be (N, D), got shape {tuple(xt.shape)}")
+    if xt.shape[1] == 0:
+        raise ValueError("x has no feature columns (D = 0)")
     n = xt.shape[0]
     if not 2 <= k <= n:
         raise ValueError(f"k must be between 2 and the number of samples ({n}), got {k}")
     if n_init < 1 or max_iter < 1:
         raise ValueError("n_init and max_iter must be >= 1")
-    # Centre the data as scikit-learn does: distances are unchanged, float32 cancellation is not.
-    # The centred copy is the only (N, D) allocation: x itself may be shared (read-only in Ray's
-    # object store, or the caller's array), and x_sq takes no (N, D) temporary.
+    lowest, largest = (float(v) for v in torch.aminmax(xt))  # NaN propagates; no (N, D) temporary
+    if not (math.isfinite(lowest) and math.isfinite(largest)):
+        raise ValueError("x must be real and finite (NaN or infinite values found)")
+    # Scale by a power of two (exact in float32) to a largest |value| in [0.5, 1): squared
+    # distances of features near 1e20 overflow float32 and those near 1e-20 underflow, while
+    # K-means is scale-invariant. Then centre as scikit-learn does: distances are unchanged,
+    # float32 cancellation is not. The scaled, centred copy is the only (N, D) allocation: x
+    # itself may be shared (read-only in Ray's object store, or the caller's array).
+    largest = max(-lowest, largest)
+    scale = 2.0 ** -math.frexp(largest)[1] if largest > 0 else 1.0
+    xt = xt * scale
     mean = xt.mean(0)
-    xt = xt - mean
+    xt.sub_(mean)
     x_sq = torch.linalg.vector_norm(xt, dim=1).square_()
     tol_abs = float(xt.var(0, unbiased=False).mean()) * tol
     gen = torch.Generator().manual_seed(seed)
-    centers = _initial_centroids(xt, x_sq, mean, k, n_init, init, gen)
+    centers = _initial_centroids(xt, x_sq, mean, scale, k, n_init, init, gen)
     b = centers.shape[0]
 
     n_iters = torch.zeros(b, dtype=torch.long, device=device)
@@ -191,10 +204,10 @@ def batched_kmeans(
             break
 
     min_d, labels = _sq_distances(xt, x_sq, centers).min(2)
-    inertias = min_d.sum(1)
+    inertias = min_d.sum(1).double() / scale ** 2  # in the data's units (float64: 1e20-scale data)
     best = int(inertias.argmin())
     return KMeansResult(
-        centroids=(centers[best] + mean).cpu().numpy(),
+        centroids=((centers[best] + mean) / scale).cpu().numpy(),
         labels=labels[best].cpu().numpy(),
         inertia=float(inertias[best]),
         inertias=inertias.cpu().numpy(),
