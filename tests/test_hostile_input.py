@@ -319,3 +319,26 @@ def test_batched_kmeans_refuses_nan_and_complex_input():
     x[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         batched_kmeans(x, 2, n_init=1)
+
+
+@pytest.mark.parametrize(("labels", "expected"), [
+    ([0.0, float("nan"), 1.7], "2 value(s) are not whole numbers"),
+    (None, "values beyond int64"),  # a uint64 array, made in the test
+    (["a", "b", "c"], "expected integers"),
+], ids=["nan-and-fraction", "uint64", "strings"])
+def test_write_features_refuses_labels_it_cannot_store_exactly(labels, expected, tmp_path):
+    import numpy as np
+
+    from clusterlab.eval.feature_files import read_features, write_features
+
+    if labels is None:
+        labels = np.array([0, 1, 2**64 - 1], dtype=np.uint64)  # was stored as -1
+    path = tmp_path / "f.parquet"
+    batch = {"index": np.arange(3), "label": np.asarray(labels),
+             "representation": np.ones((3, 2), dtype=np.float32)}
+    with pytest.raises(ValueError, match="column 'label'") as exc:
+        write_features(path, [batch])
+    assert expected in str(exc.value)
+    assert list(tmp_path.iterdir()) == []  # no file, no *.parquet.tmp
+    write_features(path, [{**batch, "label": np.array([0.0, -1.0, 2.0])}])  # whole floats are fine
+    assert read_features(path)["label"].tolist() == [0, -1, 2]

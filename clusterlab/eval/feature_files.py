@@ -34,9 +34,32 @@ INTEGER_COLUMNS = ("index", "label", "component")
 
 def _to_arrow(name: str, values: np.ndarray) -> pa.Array:
     if name in VECTOR_COLUMNS:
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-    return pa.array(np.asarray(values, dtype=np.int64))
+        array = np.asarray(values)
+        if array.ndim != 2 or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"column {name!r}: expected an (N, D) array of real numbers, got "
+                             f"{array.dtype} of shape {array.shape}")
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+    return pa.array(_as_int64(name, values))
+
+
+def _as_int64(name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` as int64 when every value is a whole number int64 holds; refused otherwise
+    (a cast would turn NaN into -2^63, 1.7 into 1 and a uint64 above 2^63 into a negative)."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"column {name!r}: expected a 1-D array, got shape {array.shape}")
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"column {name!r}: expected integers, got {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            raise ValueError(f"column {name!r}: {int(bad.sum())} value(s) are not whole numbers "
+                             f"(first: {array[bad][0]!r}); unknown labels are -1")
+    info = np.iinfo(np.int64)
+    if array.size and (array.max() > info.max or array.min() < info.min):
+        raise ValueError(f"column {name!r}: values beyond int64 (max {array.max()})")
+    return array.astype(np.int64)
 
 
 def write_features(path: str | Path, batches: Iterable[dict[str, np.ndarray]]) -> Path:
@@ -54,9 +77,13 @@ def write_features(path: str | Path, batches: Iterable[dict[str, np.ndarray]]) -
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
-    finally:
+    except BaseException:
         if writer is not None:
             writer.close()
+        tmp.unlink(missing_ok=True)  # a refused or interrupted write leaves nothing behind
+        raise
+    if writer is not None:
+        writer.close()
     if writer is None:
         raise ValueError(f"no features to write to {path}")
     tmp.replace(path)
