@@ -342,3 +342,39 @@ def test_write_features_refuses_labels_it_cannot_store_exactly(labels, expected,
     assert list(tmp_path.iterdir()) == []  # no file, no *.parquet.tmp
     write_features(path, [{**batch, "label": np.array([0.0, -1.0, 2.0])}])  # whole floats are fine
     assert read_features(path)["label"].tolist() == [0, -1, 2]
+
+
+# ----------------------------------------------------------------------- heatmaps
+
+HEATMAP_300 = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))  # 3 GiB: it grew past 23 GB
+from clusterlab.platform.heatmap import Cell, write_heatmap
+cells = [Cell(None, float(i), float(j), (i * j) % 7 / 7, 0.0, 1, "ok" if (i + j) % 11 else "failed")
+         for i in range(300) for j in range(300)]
+out = write_heatmap(cells, "loss.weights.push", "loss.weights.pull", None, "maxcomp_acc", "big", sys.argv[1])
+print(out.stat().st_size)
+"""
+
+
+@pytest.mark.reliability("`draw_heatmap` of a 300 x 300 grid", "PNG and CSV written under a 3 GiB address-space "
+                         "limit (one text and one hatched patch per cell grew past 23 GB); failed cells grey, never "
+                         "coloured as a value")
+def test_a_300_by_300_heatmap_stays_within_a_memory_bound(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "big.png"
+    done = subprocess.run([sys.executable, "-c", HEATMAP_300, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.stat().st_size > 0
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert len(rows) == 90_000 and sum(r["status"] == "failed" for r in rows) > 0
+
+
+def test_a_heatmap_with_one_param_on_two_axes_is_refused(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli.main(["heatmap", "--experiment", "x", "--x", "lambda_3", "--y", "loss.weights.push",
+                     "--tracking-uri", uri]) == 2
+    assert "name a different param on each axis" in capsys.readouterr().err

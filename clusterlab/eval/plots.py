@@ -5,6 +5,7 @@ keeps them alive (long sweeps and re-evaluations draw thousands) and no display 
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -93,25 +94,44 @@ def tsne_figure(x: np.ndarray, labels: np.ndarray, max_points: int = 2000, seed:
     return fig
 
 
+#: Grids up to this many cells a side are drawn cell by cell, each annotated with its value
+#: (failed / missing ones hatched); larger ones (a 300-trial random search drawn as a grid) as
+#: a plain image of a bounded size, where those cells show grey: one text and one patch per cell
+#: of a 300 x 300 grid grew past 23 GB.
+ANNOTATED_CELLS_PER_SIDE = 20
+
+
+def _tick_labels(values: list, limit: int = ANNOTATED_CELLS_PER_SIDE) -> tuple[list[int], list[str]]:
+    step = max(1, -(-len(values) // limit))
+    positions = list(range(0, len(values), step))
+    return positions, [f"{values[i]:g}" if isinstance(values[i], float) else str(values[i]) for i in positions]
+
+
 def heatmap_figure(cells: list, x: str, y: str, facet: str | None, metric: str, title: str = "") -> Figure:
     """Annotated heatmaps of ``metric`` over a loss-weight grid, one panel per facet value
     (MIX'EM supplementary Figs. 1-3). ``cells`` have ``facet, x, y, mean, std, n, status``;
-    failed and missing cells are hatched and labelled, never coloured as a value."""
+    failed and missing cells are hatched and labelled (grey beyond
+    :data:`ANNOTATED_CELLS_PER_SIDE` cells a side), never coloured as a value."""
     facets = list(dict.fromkeys(c.facet for c in cells))
     xs = list(dict.fromkeys(c.x for c in cells))
     ys = list(dict.fromkeys(c.y for c in cells))
+    column, row_of = {v: i for i, v in enumerate(xs)}, {v: i for i, v in enumerate(ys)}
+    annotate = max(len(xs), len(ys)) <= ANNOTATED_CELLS_PER_SIDE
     finite = [c.mean for c in cells if c.status == "ok"]
     vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    fig, axes = _subplots(1, len(facets), figsize=(2.5 + 1.2 * len(xs) * len(facets), 2.0 + 0.8 * len(ys)),
-                             squeeze=False, layout="constrained")
+    shown_x, shown_y = min(len(xs), ANNOTATED_CELLS_PER_SIDE), min(len(ys), ANNOTATED_CELLS_PER_SIDE)
+    fig, axes = _subplots(1, len(facets), figsize=(min(40.0, 2.5 + 1.2 * shown_x * len(facets)), 2.0 + 0.8 * shown_y),
+                          squeeze=False, layout="constrained")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     for ax, f in zip(axes[0], facets):
         grid = np.full((len(ys), len(xs)), np.nan)
         for c in cells:
             if c.facet == f and c.status == "ok":
-                grid[ys.index(c.y), xs.index(c.x)] = c.mean
-        im = ax.imshow(np.ma.masked_invalid(grid), vmin=vmin, vmax=vmax + 1e-12, cmap="viridis", origin="lower")
-        for c in (c for c in cells if c.facet == f):
-            col, row = xs.index(c.x), ys.index(c.y)
+                grid[row_of[c.y], column[c.x]] = c.mean
+        im = ax.imshow(np.ma.masked_invalid(grid), vmin=vmin, vmax=vmax + 1e-12, cmap=cmap, origin="lower",
+                       aspect=None if annotate else "auto", interpolation="nearest")
+        for c in (c for c in cells if c.facet == f and annotate):
+            col, row = column[c.x], row_of[c.y]
             if c.status == "ok":
                 text = f"{c.mean:.3f}" + (f"\n±{c.std:.3f}" if c.n > 1 else "")
                 bright = (c.mean - vmin) / max(vmax - vmin, 1e-12) > 0.6
@@ -119,14 +139,15 @@ def heatmap_figure(cells: list, x: str, y: str, facet: str | None, metric: str, 
             else:
                 ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", color="grey"))
                 ax.text(col, row, c.status, ha="center", va="center", fontsize=8, color="dimgrey")
-        ax.set_xticks(range(len(xs)), labels=[f"{v:g}" if isinstance(v, float) else str(v) for v in xs])
-        ax.set_yticks(range(len(ys)), labels=[f"{v:g}" if isinstance(v, float) else str(v) for v in ys])
+        ax.set_xticks(*_tick_labels(xs))
+        ax.set_yticks(*_tick_labels(ys))
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         if facet:
             ax.set_title(f"{facet} = {f:g}" if isinstance(f, float) else f"{facet} = {f}", fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), fraction=0.04)
-    fig.suptitle(f"{title}: {metric} (mean over seeds)" if title else metric, fontsize=10)
+    failed = "" if annotate else "; grey: failed or not run"
+    fig.suptitle((f"{title}: {metric} (mean over seeds)" if title else metric) + failed, fontsize=10)
     return fig
 
 

@@ -185,6 +185,10 @@ def draw_heatmap(client: MlflowClient, experiment: str, x: str, y: str, facet: s
     (:attr:`~clusterlab.methods.MethodSpec.headline_metric`)."""
     x, y = LAMBDA_ALIASES.get(x, x), LAMBDA_ALIASES.get(y, y)
     facet = LAMBDA_ALIASES.get(facet, facet) if facet else None
+    named = [name for name in (x, y, facet) if name]
+    if len(set(named)) < len(named):
+        raise ConfigError(f"heatmap: --x {x}, --y {y}" + (f", --facet {facet}" if facet else "")
+                          + ": name a different param on each axis")
     cells, parent_id, metric = sweep_cells(client, experiment, x, y, facet, metric)
     return write_heatmap(cells, x, y, facet, metric, experiment, out, client, parent_id)
 
