@@ -340,6 +340,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_cpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of CPUs, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of CPUs, got {text}")
+    return value
+
+
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train SimCLR then MIX'EM on the bundled digits through Ray Train, evaluate, "
                                     "log to MLflow",
@@ -348,7 +358,8 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
                                    "then MIX'EM continued from it (preset mixem_digits). Prints ACC/NMI/ARI of both "
                                    "side by side, with K-means on raw pixels as the baseline.")
     p.add_argument("--epochs", type=_positive_int, help="base-encoder epochs (default: the simclr_digits preset's)")
-    p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs for the training worker")
+    p.add_argument("--cpus", type=_positive_cpus, default=float(os.cpu_count() or 1),
+                   help="CPUs for the training worker")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.set_defaults(func=cmd_demo)
 

@@ -283,6 +283,9 @@ def test_demo_epochs_sets_a_warmup_that_fits_and_refuses_zero(monkeypatch, capsy
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--epochs", "0"])  # it printed "(40 epochs ...)" and trained 40
     assert exc.value.code == 2 and "--epochs: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--cpus", "inf"])
+    assert exc.value.code == 2 and "--cpus: must be a positive, finite number of CPUs" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------- numerics

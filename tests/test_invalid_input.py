@@ -70,6 +70,7 @@ SPACE_FILES = {
     "unknown_scheduler": "base: simclr_digits\n" + _LR + "tune: {scheduler: {name: hyperband}}\n",
     "zero_workers": "base: simclr_digits\n" + _LR + "resources: {num_workers: 0}\n",
     "unknown_base": "base: simclr_imagenet\n" + _LR,
+    "uniform_inf": "base: simclr_digits\nsearch: {optim.lr: {uniform: [1e-4, .inf]}}\n",
 }
 
 GARBAGE = b"this is not a torch checkpoint\n" * 4
@@ -266,6 +267,13 @@ CASES = [
                  id="evaluate-k-not-a-number"),
     pytest.param(["evaluate", "--features", "{features}/six_rows.parquet", "--json", "{tmp}/no/such/m.json"],
                  ["--json {tmp}/no/such/m.json: its folder {tmp}/no/such does not exist"], id="json-folder-missing"),
+    pytest.param(["train", "optim.lr=.inf"], ["optim.lr: Input should be a finite number"], id="infinite-lr"),
+    pytest.param(["train", "loss.temperature=.inf"], ["loss.temperature: Input should be a finite number"],
+                 id="infinite-temperature"),
+    pytest.param(["train", "resources.cpus_per_worker=.inf"],
+                 ["resources.cpus_per_worker: Input should be a finite number"], id="infinite-cpus"),
+    pytest.param(["sweep", "{spaces}/uniform_inf.yaml"], ["search.optim.lr.uniform.1: Input should be a finite number"],
+                 id="infinite-uniform-bound"),
     pytest.param(["train", "seed=-1"], ["seed: Input should be greater than or equal to 0"], id="negative-seed"),
     pytest.param(["train", f"seed={2**128}"], ["seed: Input should be less than or equal to 4294967295"],
                  id="seed-above-32-bits"),
