@@ -12,11 +12,15 @@ from clusterlab.data.augment import Normalize
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation (MIX'EM Table 1 row 2: normalise before K-means), in float64:
-    float32 row norms of features near 1e20 overflow, near 1e-20 underflow. Zero rows stay zero."""
-    wide = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(wide, axis=1, keepdims=True)
-    return (wide / np.where(norms > 0, norms, 1.0)).astype(np.result_type(x, np.float32))
+    """Row-wise L2 normalisation (MIX'EM Table 1 row 2: normalise before K-means). Each row is
+    first divided by its largest |value|: float32 row norms of features near 1e20 overflow, near
+    1e-20 underflow. One (N, D) array is allocated, the result. Zero rows stay zero."""
+    x = np.asarray(x)
+    largest = np.maximum(x.max(axis=1, keepdims=True), -x.min(axis=1, keepdims=True))
+    out = x / np.where(largest > 0, largest, 1).astype(np.result_type(x, np.float32))
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    out /= np.where(norms > 0, norms, 1)
+    return out
 
 
 @torch.no_grad()

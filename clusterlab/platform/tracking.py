@@ -113,11 +113,15 @@ def check_tracking_uri(uri: str) -> None:
                           f"pip install {package}, or name another driver as {kind}+<driver>://") from None
 
 
+def _sqlite_database(uri: str) -> Path:
+    """The database file of a ``sqlite[+driver]:///<path>[?query]`` URI."""
+    return Path(uri.split(":", 1)[1][len("///"):].split("?", 1)[0])
+
+
 def _check_sqlite_file(uri: str, where: str) -> None:
-    rest = uri.split(":", 1)[1]
-    if not rest.startswith("///"):
+    if not uri.split(":", 1)[1].startswith("///"):
         raise ConfigError(f"{where}: a SQLite URI is sqlite:///<relative path> or sqlite:////<absolute path>")
-    database = Path(rest[3:].split("?", 1)[0])
+    database = _sqlite_database(uri)
     if database.name in ("", ":memory:"):
         raise ConfigError(f"{where}: name a database file, e.g. sqlite:///{Path.cwd() / 'mlflow.db'} "
                           f"(an in-memory store would lose every run)")
@@ -179,7 +183,7 @@ def connect(uri: str) -> MlflowClient:
         return MlflowClient(uri)
     import fcntl
 
-    database = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    database = _sqlite_database(uri)
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
