@@ -315,6 +315,10 @@ def plan_sweep(path: str | Path, overrides: Sequence[str] = (), name: str | None
         raise ConfigError(f"sweep name {name!r}: use letters, digits, '_', '.', '-' only, starting with a letter or "
                           "digit (it names the MLflow experiment, MLflow search filters and a storage directory)")
     base.setdefault("tracking", {})["experiment"] = name
+    root = build_config(base, f"{path}: base").data.root
+    if root is not None:
+        # Absolute here: trials validate the base again in their Tune actor's working directory.
+        base.setdefault("data", {})["root"] = str(root)
     return SweepPlan(space, base, text, name, str(path))
 
 

@@ -9,7 +9,7 @@ import pytest
 from clusterlab import cli
 from clusterlab.config import ConfigError
 from clusterlab.platform.sweep import heatmap_axes
-from clusterlab.search_space import find_search_space, grid_points, load_search_space, trial_config
+from clusterlab.search_space import find_search_space, grid_points, load_search_space, plan_sweep, trial_config
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 # MIX'EM supplementary Table 1: (lambda_2, lambda_3, lambda_4) per dataset, lambda_1 = 1.
@@ -180,3 +180,12 @@ def test_an_unknown_space_lists_the_shipped_ones(tmp_path, monkeypatch):
         find_search_space("nope.yaml")
     (tmp_path / "mine.yaml").write_text("x: 1\n")
     assert find_search_space("mine.yaml") == Path("mine.yaml")  # a file of the user's own comes first
+
+
+def test_a_relative_data_root_is_fixed_where_the_sweep_is_planned(tmp_path, monkeypatch):
+    # Trials validate the base again in their Tune actor's working directory, where a relative
+    # root named another folder (found sweeping lsdc_mnist_cpu with --data-root ../shared/datasets).
+    monkeypatch.chdir(tmp_path)
+    plan = plan_sweep(SPACES / "simclr_lr_digits.yaml", ["data.root=some/data"])
+    monkeypatch.chdir("/")
+    assert trial_config(plan.base, {"optim.lr": 0.1}).data.root == tmp_path / "some" / "data"
