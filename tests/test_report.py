@@ -105,8 +105,9 @@ def test_report_rows_from_finished_runs(store, tmp_path, capsys):
     # one RotNet seed: no std; its wall time; rows nobody ran
     row = table_row(printed, "RotNet + K-means on its features")
     assert row[2:8] == ["-", "87.4", "1", "2 of 200", "-", "60.0 min/run, 60.0 min total"]  # of rotnet_mnist's
-    assert ("Shorter than the recipe, so not its result: RotNet + K-means on its features (2 of rotnet_mnist's "
-            "200 epochs).") in printed
+    assert "- RotNet + K-means on its features: epochs 2 (rotnet_mnist: 200)" in printed
+    # the LSD-C runs name no encoder: that is a deviation from the recipe's RotNet start
+    assert "- LSD-C (cluster head): no encoder: trained from scratch, not from a rotnet_mnist run" in printed
     assert "Notes:" not in printed
     for label in ("SimCLR + K-means", "MIX'EM Max Comp", "MIX'EM-initialised K-means"):
         assert table_row(printed, label)[3:7] == ["no runs", "0", "-", "-"]
@@ -206,7 +207,7 @@ def test_rerun_commands_parse(key):
     from clusterlab.config import load_config
     from clusterlab.search_space import load_search_space
 
-    for command in PAPERS[key].rerun:
+    for command in (*PAPERS[key].rerun, *PAPERS[key].budget_rerun):
         argv = [re.sub(r"\$[A-Z_]+", "a" * 32, a) for a in shlex.split(command)]
         assert argv[0] == "clusterlab", command
         args = cli.parse_args(argv[1:])
@@ -216,3 +217,30 @@ def test_rerun_commands_parse(key):
             load_config(None, [*args.overrides, f"data.root={args.data_root}"], preset=args.preset)
         else:
             assert args.command == "report" and args.paper == key
+
+
+def test_deviations_name_the_run_and_its_encoder_against_their_recipes(tracking_uri, tmp_path, capsys):
+    # A CPU-budget chain as `clusterlab train` / `sweep` log it: params of every key, the encoder's
+    # run id in the trial's init_from tag. Bookkeeping params (root, resources, ...) are not deviations.
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("chain")
+    rotnet = add_run(client, exp, "rotnet", 0, {"kmeans_raw_acc": 0.7, "pixels_acc": 0.53}, epochs=6)
+    client.log_param(rotnet, "optim.milestones", "[2, 4, 5]")
+    client.log_param(rotnet, "resources.cpus_per_worker", "2.0")
+    lsdc = add_run(client, exp, "lsdc", 0, {"head_acc": 0.9, "pixels_acc": 0.53}, epochs=5,
+                   tags={"init_from": rotnet})
+    client.log_param(lsdc, "lsdc.rampup_length", "16.667")
+    client.log_param(lsdc, "data.root", "/somewhere/else")
+    add_run(client, exp, "lsdc", 1, {"head_acc": 0.9, "pixels_acc": 0.53}, tags={"init_from": "/ckpt/rotnet"})
+    assert cli.main(["report", "--experiment", "chain", "--paper", "lsdc_mnist", "--out",
+                     str(tmp_path / "R.md"), "--tracking-uri", tracking_uri]) == 0
+    printed = capsys.readouterr().out
+    assert table_row(printed, "LSD-C (cluster head)")[5] == "5, 15 of 15"
+    listed = printed[printed.index("Deviations from the recipe"):].splitlines()
+    line = next(line for line in listed if line.startswith("- LSD-C (cluster head): "))
+    assert line == ("- LSD-C (cluster head): lsdc.rampup_length 16.667 (lsdc_mnist: 50.0); epochs 5 (lsdc_mnist: 15); "
+                    f"encoder run {rotnet[:8]} optim.milestones [2, 4, 5] (rotnet_mnist: [60, 120, 160]); "
+                    f"encoder run {rotnet[:8]} epochs 6 (rotnet_mnist: 200); "
+                    "encoder from /ckpt/rotnet: not an MLflow run, its recipe is not checked")
+    assert ("- RotNet + K-means on its features: optim.milestones [2, 4, 5] (rotnet_mnist: [60, 120, 160]); "
+            "epochs 6 (rotnet_mnist: 200)") in listed

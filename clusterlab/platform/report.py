@@ -11,7 +11,9 @@ section of the output file, which is only ever written this way, never by hand.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +22,7 @@ from typing import Any, Sequence
 
 from mlflow.tracking import MlflowClient
 
-from clusterlab.config import PRESETS, ConfigError
+from clusterlab.config import PRESETS, ConfigError, build_config, deep_merge, flatten
 from clusterlab.eval.metrics import mean_std
 from clusterlab.platform import tracking
 from clusterlab.platform.tracking import ROLE_TAG
@@ -63,7 +65,8 @@ class Row:
     paper_seeds: int | None = None
     source: str | None = None
     target: Target | None = None
-    preset: str | None = None  # the recipe's preset: runs trained fewer epochs than it are marked
+    preset: str | None = None  # the recipe's preset: what a counted run deviates from it is listed
+    encoder_preset: str | None = None  # the recipe of the encoder the method starts from (init_from)
 
     @property
     def recipe_epochs(self) -> int | None:
@@ -79,6 +82,7 @@ class PaperTable:
     rows: tuple[Row, ...]
     params: dict[str, str] = field(default_factory=dict)
     rerun: tuple[str, ...] = ()
+    budget_rerun: tuple[str, ...] = ()  # the same on 2 CPU cores: the CPU-budget presets
 
 
 _DATA = "--data-root ../shared/datasets"
@@ -96,10 +100,11 @@ PAPERS: dict[str, PaperTable] = {
             Row("UMAP (10-d) + K-means on raw pixels", "pixels_umap_acc", None),
             Row("RotNet + K-means on its features", "kmeans_raw_acc", "rotnet", preset="rotnet_mnist"),
             Row("LSD-C (cluster head)", "head_acc", "lsdc", 98.6, 0.5, 10, "LSD-C Table 2", Target(97.6),
-                preset="lsdc_mnist"),
+                preset="lsdc_mnist", encoder_preset="rotnet_mnist"),
             Row("SimCLR + K-means", "kmeans_norm_acc", "simclr", preset="simclr_mnist"),
-            Row("MIX'EM Max Comp", "maxcomp_acc", "mixem", preset="mixem_mnist"),
-            Row("MIX'EM-initialised K-means", "kmeans_mixinit_acc", "mixem", preset="mixem_mnist"),
+            Row("MIX'EM Max Comp", "maxcomp_acc", "mixem", preset="mixem_mnist", encoder_preset="simclr_mnist"),
+            Row("MIX'EM-initialised K-means", "kmeans_mixinit_acc", "mixem", preset="mixem_mnist",
+                encoder_preset="simclr_mnist"),
         ),
         rerun=(
             f"clusterlab train --preset rotnet_mnist {_DATA} --run-name rotnet-mnist tracking.experiment=rotnet-mnist",
@@ -108,6 +113,12 @@ PAPERS: dict[str, PaperTable] = {
             f"clusterlab sweep search_spaces/mixem_mnist_seeds.yaml {_DATA} init_from=$SIMCLR_RUN_ID",
             "clusterlab report --experiment rotnet-mnist --experiment lsdc-mnist-seeds "
             "--experiment simclr-mnist-seeds --experiment mixem-mnist-seeds --paper lsdc_mnist",
+        ),
+        budget_rerun=(
+            f"clusterlab train --preset rotnet_mnist_cpu {_DATA} --run-name rotnet-mnist-cpu "
+            "tracking.experiment=rotnet-mnist-cpu",
+            f"clusterlab sweep search_spaces/lsdc_mnist_cpu_seeds.yaml {_DATA} init_from=$ROTNET_RUN_ID",
+            "clusterlab report --experiment rotnet-mnist-cpu --experiment lsdc-mnist-cpu-seeds --paper lsdc_mnist",
         ),
     ),
 }
@@ -130,6 +141,7 @@ class Measured:
     epochs: tuple[str, ...]  # the epochs the counted runs trained: a shortened run shows here
     hardware: tuple[str, ...]
     commits: tuple[str, ...]
+    deviations: tuple[str, ...] = ()  # how the counted runs (and their encoders) differ from the recipe
 
     @property
     def shortened(self) -> bool:
@@ -173,17 +185,53 @@ def finished_runs(client: MlflowClient, experiments: list[str], params: dict[str
     return found
 
 
+# Params that say where and how a run ran, not what it computes: never a deviation from a recipe.
+# (bf16 and the K-means initialisations change the numbers, so they are compared.)
+_WHERE_NOT_WHAT = ("data.root", "data.download", "run_name", "seed", "storage_path", "init_from", "tracking.",
+                   "resources.", "eval.batch_size", "performance.compile", "performance.channels_last",
+                   "performance.fused_optimizer")
+
+
+@functools.cache
+def recipe_params(preset: str) -> dict[str, str]:
+    """The MLflow params a run of ``preset`` as shipped would log (its data root aside)."""
+    return flatten(build_config(deep_merge(PRESETS[preset], {"data": {"root": "/recipe"}}), f"preset {preset}"))
+
+
+def deviations(params: dict[str, str], preset: str) -> list[str]:
+    """``key ours (preset: recipe)`` for every param the run logged that differs from the recipe,
+    e.g. ``epochs 6 (rotnet_mnist: 200)``; params the run did not log are not compared."""
+    return [f"{key} {params[key]} ({preset}: {value})" for key, value in recipe_params(preset).items()
+            if key in params and params[key] != value and not key.startswith(_WHERE_NOT_WHAT)]
+
+
+def encoder_deviations(client: MlflowClient, run: Any, preset: str) -> list[str]:
+    """How the encoder a run started from (its ``init_from`` tag: an MLflow run id or a
+    checkpoint) differs from ``preset``, the encoder's recipe."""
+    source = run.data.tags.get("init_from")
+    if not source:
+        return [f"no encoder: trained from scratch, not from a {preset} run"]
+    if not re.fullmatch(r"[0-9a-f]{32}", source):
+        return [f"encoder from {redact_uri(source)}: not an MLflow run, its recipe is not checked"]
+    try:
+        encoder = client.get_run(source)
+    except Exception:  # MlflowException: the run is gone or in another store
+        return [f"encoder run {source}: not in this tracking store, its recipe is not checked"]
+    return [f"encoder run {source[:8]} {d}" for d in deviations(encoder.data.params, preset)]
+
+
 def _counts(row: Row, run: Any) -> bool:
     return (row.method is None or run.data.tags.get("method") == row.method) and row.metric in run.data.metrics
 
 
-def measure(row: Row, runs: list[Any]) -> Measured:
+def measure(row: Row, runs: list[Any], client: MlflowClient | None = None) -> Measured:
     """Fill ``row`` from ``runs``: one run per seed. A method row with two runs of one seed is
     refused (two configs, or a rerun, would be averaged as if they were seeds). The raw-pixel
     row (``method`` None) clusters the same images whatever the method trained, so it takes
     one value per distinct seed from every run, the earliest-started run of each seed (adding
     later runs does not change the value of a seed already counted); those runs' wall time
-    belongs to the rows that trained them, so this row has none."""
+    belongs to the rows that trained them, so this row has none. A method row lists how its runs
+    differ from the row's recipe, and (``client`` given) how their encoders differ from theirs."""
     by_seed: dict[str, list[Any]] = {}
     for run in sorted((r for r in runs if _counts(row, r)), key=lambda r: (r.info.start_time, r.info.run_id)):
         by_seed.setdefault(run.data.params["seed"], []).append(run)
@@ -199,9 +247,15 @@ def measure(row: Row, runs: list[Any]) -> Measured:
                     if row.method is not None and r.info.end_time and r.info.start_time)
     epochs = tuple(sorted({r.data.params.get("epochs", "?") for r in chosen.values()}, key=_numeric_first)
                    if row.method is not None else ())
+    differ: list[str] = []
+    if row.method is not None:
+        for run in chosen.values():
+            differ += deviations(run.data.params, row.preset) if row.preset else []
+            differ += encoder_deviations(client, run, row.encoder_preset) if client and row.encoder_preset else []
     return Measured(row, {seed: float(r.data.metrics[row.metric]) for seed, r in chosen.items()}, minutes, epochs,
                     tuple(sorted({r.data.tags.get(tracking.HARDWARE_TAG, "not recorded") for r in chosen.values()})),
-                    tuple(sorted({r.data.tags.get("git_commit", "unknown")[:8] for r in chosen.values()})))
+                    tuple(sorted({r.data.tags.get("git_commit", "unknown")[:8] for r in chosen.values()})),
+                    tuple(dict.fromkeys(differ)))
 
 
 def collect(client: MlflowClient, key: str, experiments: list[str]) -> list[Measured]:
@@ -218,7 +272,7 @@ def collect(client: MlflowClient, key: str, experiments: list[str]) -> list[Meas
             raise ConfigError(f"--experiment {name!r}: no FINISHED run there (with params {wanted}) logged a metric "
                               f"of the table {key!r}: {needs}")
     runs = [r for rs in by_experiment.values() for r in rs]
-    return [measure(row, runs) for row in paper.rows]
+    return [measure(row, runs, client) for row in paper.rows]
 
 
 def command_line(experiments: list[str], paper: str, out: str | None, tracking_uri: str | None,
@@ -264,7 +318,7 @@ def _row_cells(m: Measured) -> list[str]:
 
 def render(key: str, measured: list[Measured], command: str, notes: Sequence[str] = ()) -> str:
     """The Markdown section of paper table ``key``: heading, the command that wrote it, the
-    date, the table, the per-seed values, the rows shorter than their recipe, ``notes`` (what
+    date, the table, the per-seed values, how each row's runs deviate from its recipe, ``notes`` (what
     was tried, what is missing and why) and how to rerun it."""
     paper = paper_table(key)
     now = datetime.now(timezone.utc)
@@ -280,15 +334,18 @@ def render(key: str, measured: list[Measured], command: str, notes: Sequence[str
     if shared:
         lines += ["", f"{', '.join(shared)}: one value per seed from the runs of any method above (the same "
                       "images), the earliest run of each seed; their wall time is in those rows."]
-    short = [f"{m.row.label} ({', '.join(m.epochs)} of {m.row.preset}'s {m.row.recipe_epochs} epochs)"
-             for m in measured if m.shortened]
-    if short:
-        lines += ["", f"Shorter than the recipe, so not its result: {'; '.join(short)}."]
+    deviating = [m for m in measured if m.deviations]
+    if deviating:
+        lines += ["", "Deviations from the recipe (a row with any is not the recipe's result; `ours (recipe)`):", ""]
+        lines += [f"- {m.row.label}: {'; '.join(m.deviations)}" for m in deviating]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     if paper.rerun:
         lines += ["", "How to rerun (`$..._RUN_ID`: the MLflow run id an earlier step printed):", ""]
         lines += [f"{i}. `{c}`" for i, c in enumerate(paper.rerun, 1)]
+    if paper.budget_rerun:
+        lines += ["", "On 2 CPU cores (the CPU-budget presets, deviations as they list):", ""]
+        lines += [f"{i}. `{c}`" for i, c in enumerate(paper.budget_rerun, 1)]
     return "\n".join(lines) + "\n"
 
 
