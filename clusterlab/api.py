@@ -49,8 +49,11 @@ def load_features(source: str | os.PathLike[str], tracking_uri: str | None = Non
     if path.suffix == ".parquet" or path.is_file():
         return read_features(path)
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    client = tracking.connect(uri)
     run_id = str(source)
+    if not tracking.is_run_id(run_id):
+        raise ValueError(f"source: {run_id!r} is neither a features file (.parquet) nor an MLflow run id "
+                         "(32 hex digits)")
+    client = tracking.connect(uri, existing=True)
     try:
         client.get_run(run_id)
     except Exception:  # MlflowException (no such run) or a malformed id
@@ -139,7 +142,7 @@ def sweep_results(experiment: str, tracking_uri: str | None = None) -> pd.DataFr
     Raises:
         ValueError: no such experiment, or it has no trial runs.
     """
-    client = tracking.connect(tracking.resolve_tracking_uri(tracking_uri))
+    client = tracking.connect(tracking.resolve_tracking_uri(tracking_uri), existing=True)
     return pd.DataFrame(heatmap.sweep_records(client, experiment))
 
 

@@ -258,9 +258,10 @@ def _print_sweep_plan(plan: SweepPlan) -> int:
 
 def cmd_heatmap(args: argparse.Namespace) -> int:
     from clusterlab.platform import tracking
-    from clusterlab.platform.heatmap import draw_heatmap
+    from clusterlab.platform.heatmap import check_axes, draw_heatmap
 
-    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
+    check_axes(args.x, args.y, args.facet)  # refused before the store is opened
+    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri), existing=True)
     out = draw_heatmap(client, args.experiment, args.x, args.y, args.facet, args.metric, args.out)
     print(f"heatmap written to {out} and {out.with_suffix('.csv')}")
     return 0
@@ -276,7 +277,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     paper = report.paper_table(args.paper)  # bad input is refused before the store is opened
     out = Path(args.out or report.DEFAULT_OUT)
     report.check_out(out)
-    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
+    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri), existing=True)
     notes = args.note or []
     command = report.command_line(args.experiment, args.paper, args.out, args.tracking_uri, notes)
     print(report.write_report(client, args.paper, args.experiment, out, command, notes), end="")
@@ -288,7 +289,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     """``runs reconcile``: close the RUNNING runs whose process died."""
     from clusterlab.platform import tracking
 
-    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri))
+    client = tracking.connect(tracking.resolve_tracking_uri(args.tracking_uri), existing=True)
     outcomes = tracking.reconcile(client, args.experiment, dry_run=args.dry_run)
     for o in outcomes:
         print(f"{o.experiment[:24]:<25}{o.run_name[:40]:<41}{o.run_id}  "

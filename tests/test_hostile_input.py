@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clusterlab import cli
-from test_invalid_input import _runs, isolated_mlflow, ray_guard, workspace  # noqa: F401 (fixtures)
+from test_invalid_input import _runs, empty_store, isolated_mlflow, ray_guard, workspace  # noqa: F401 (fixtures)
 
 PASSWORD = "S3cretPW"
 
@@ -66,6 +66,53 @@ def test_a_bad_tracking_uri_is_refused_up_front(command, bad, workspace, ray_gua
     assert not any(Path(workspace["cwd"]).iterdir()) and not Path(workspace["tmp"], "ray").exists()
     assert not Path(workspace["tmp"], "mlruns").exists()
     assert Path(workspace["tmp"], "notes.txt").read_text() == "not a database\n"
+
+
+READ_ONLY_COMMANDS = [c for c in TRACKING_COMMANDS if c != "train"]
+
+
+@pytest.mark.reliability("a mistyped SQLite path: a file that does not exist for a command that only reads runs "
+                         "(evaluate --run-id, reeval, report, heatmap, runs reconcile), a folder that does not exist "
+                         "for any command",
+                         "exit 2 naming the path and --tracking-uri / $CLUSTERLAB_TRACKING_URI, before Ray; no empty "
+                         "store and no folder left behind")
+@pytest.mark.parametrize(("command", "missing"), [*((c, "folder") for c in TRACKING_COMMANDS),
+                                                   *((c, "file") for c in READ_ONLY_COMMANDS)])
+def test_a_mistyped_sqlite_path_creates_nothing(command, missing, workspace, ray_guard, isolated_mlflow,
+                                                monkeypatch, capsys):
+    database = Path(workspace["tmp"], "typo", "mlflow.db") if missing == "folder" else Path(workspace["tmp"], "m.db")
+    monkeypatch.setenv("CLUSTERLAB_TRACKING_URI", f"sqlite:///{database}")
+    monkeypatch.chdir(workspace["cwd"])
+    argv = list(TRACKING_COMMANDS[command]) + ([f"storage_path={workspace['tmp']}/ray"] if command == "train" else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    if command == "train":
+        assert f"the folder {database.parent} of the SQLite store does not exist" in err, err
+    else:
+        assert f"no MLflow store at {database}" in err, err
+    assert "CLUSTERLAB_TRACKING_URI" in err and not ray_guard
+    assert not database.exists() and not Path(workspace["tmp"], "typo").exists()
+    assert not any(Path(workspace["cwd"]).iterdir()) and not Path(workspace["tmp"], "ray").exists()
+
+
+def test_load_features_of_a_typo_touches_no_store(tmp_path, monkeypatch, isolated_mlflow):
+    from clusterlab.api import load_features
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLUSTERLAB_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match="'tset.parquett' is neither a features file .* nor an MLflow run id"):
+        load_features("tset.parquett")
+    with pytest.raises(ValueError, match="no MLflow store at .*mlflow.db"):
+        load_features("0" * 32)  # a run id, but no store here
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unknown_init_from_run_leaves_no_folder(workspace, ray_guard, isolated_mlflow, monkeypatch, capsys):
+    monkeypatch.setenv("CLUSTERLAB_TRACKING_URI", f"sqlite:///{workspace['tracking']}/mlflow.db")
+    monkeypatch.chdir(workspace["cwd"])
+    assert cli.main(["train", "epochs=3", "--init-from", "0" * 32, f"storage_path={workspace['tmp']}/ray"]) == 2
+    assert "init_from: MLflow run 00000000000000000000000000000000 has no usable 'checkpoint'" in capsys.readouterr().err
+    assert not ray_guard and not Path(workspace["tmp"], "ray").exists()
 
 
 @pytest.mark.reliability("`clusterlab ui` with a tracking URI holding a password",

@@ -29,6 +29,7 @@ directory stays empty catches that; tests/test_untrusted_files.py has the other 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,12 +90,24 @@ def write_truncated_mnist(root: Path, gz: bool) -> None:
     write_idx(d / "t10k-labels-idx1-ubyte", 2049, [10000])
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with no runs, made once (MLflow's migrations take seconds)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture()
-def workspace(tmp_path: Path) -> dict[str, str]:
-    """The table's placeholders -> directories under ``tmp_path``, filled with the files above."""
+def workspace(tmp_path: Path, empty_store: Path) -> dict[str, str]:
+    """The table's placeholders -> directories under ``tmp_path``, filled with the files above;
+    ``tracking/mlflow.db`` an existing store without runs (unknown run ids are unknown there)."""
     dirs = {name: tmp_path / name for name in ("data", "ckpt", "configs", "spaces", "features", "cwd", "tracking")}
     for d in dirs.values():
         d.mkdir()
+    shutil.copyfile(empty_store, dirs["tracking"] / "mlflow.db")
     (dirs["data"] / "empty").mkdir()
     write_cifar10(dirs["data"] / "cifar10", per_batch=4, n_test=12)  # 20 train, 12 test images
     write_cifar10(dirs["data"] / "cifar10_6_test", per_batch=4, n_test=6)  # 10 classes, 6 test images

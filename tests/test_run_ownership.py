@@ -66,9 +66,10 @@ def test_a_run_on_another_host_is_held_while_its_heartbeat_is_fresh(tracking_uri
 
 
 def test_a_new_sqlite_store_opened_by_four_commands_at_once(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
-    env = {**os.environ, tracking.TRACKING_URI_ENV: uri}
-    procs = [subprocess.Popen([*CLUSTERLAB, "runs", "reconcile", "--dry-run"], env=env, cwd=tmp_path,
+    # What `train` / `sweep` do first, in four processes at once (the commands themselves then start Ray).
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    opens = f"from clusterlab.platform import tracking; tracking.connect({uri!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", opens], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, outputs

@@ -177,18 +177,25 @@ def write_csv(cells: list[Cell], path: Path, x: str, y: str, facet: str | None, 
                              c.n, c.status])
 
 
-def draw_heatmap(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None = None,
-                 metric: str | None = None, out: str | Path | None = None) -> Path:
-    """``clusterlab heatmap``: the sweep's cells read from MLflow (:func:`sweep_cells`), drawn by
-    :func:`write_heatmap`. ``x``/``y``/``facet`` are param names or the paper's ``lambda_1`` ..
-    ``lambda_4``; ``metric`` defaults to the method's headline metric
-    (:attr:`~clusterlab.methods.MethodSpec.headline_metric`)."""
+def check_axes(x: str, y: str, facet: str | None = None) -> tuple[str, str, str | None]:
+    """The params on the axes (the paper's ``lambda_1`` .. ``lambda_4`` as param names),
+    refused when one param is named on two axes."""
     x, y = LAMBDA_ALIASES.get(x, x), LAMBDA_ALIASES.get(y, y)
     facet = LAMBDA_ALIASES.get(facet, facet) if facet else None
     named = [name for name in (x, y, facet) if name]
     if len(set(named)) < len(named):
         raise ConfigError(f"heatmap: --x {x}, --y {y}" + (f", --facet {facet}" if facet else "")
                           + ": name a different param on each axis")
+    return x, y, facet
+
+
+def draw_heatmap(client: MlflowClient, experiment: str, x: str, y: str, facet: str | None = None,
+                 metric: str | None = None, out: str | Path | None = None) -> Path:
+    """``clusterlab heatmap``: the sweep's cells read from MLflow (:func:`sweep_cells`), drawn by
+    :func:`write_heatmap`. ``x``/``y``/``facet`` are param names or the paper's ``lambda_1`` ..
+    ``lambda_4``; ``metric`` defaults to the method's headline metric
+    (:attr:`~clusterlab.methods.MethodSpec.headline_metric`)."""
+    x, y, facet = check_axes(x, y, facet)
     cells, parent_id, metric = sweep_cells(client, experiment, x, y, facet, metric)
     return write_heatmap(cells, x, y, facet, metric, experiment, out, client, parent_id)
 

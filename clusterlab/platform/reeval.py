@@ -122,7 +122,7 @@ def reevaluate_experiment(
     """Re-evaluate every finished run with a checkpoint in ``experiment`` (matching
     ``filter_string``, MLflow search syntax) as parallel Ray tasks on the cluster at
     ``address`` (default: a local Ray), started only once the experiment is found."""
-    client = tracking.connect(tracking_uri)
+    client = tracking.connect(tracking_uri, existing=True)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no MLflow experiment named {experiment!r} in {tracking_uri}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -211,7 +210,7 @@ def encoder_deviations(client: MlflowClient, run: Any, preset: str) -> list[str]
     source = run.data.tags.get("init_from")
     if not source:
         return [f"no encoder: trained from scratch, not from a {preset} run"]
-    if not re.fullmatch(r"[0-9a-f]{32}", source):
+    if not tracking.is_run_id(source):
         return [f"encoder from {redact_uri(source)}: not an MLflow run, its recipe is not checked"]
     try:
         encoder = client.get_run(source)

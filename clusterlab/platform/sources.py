@@ -53,7 +53,7 @@ def evaluate_source(source: EvalSource, options: EvalOptions, address: str | Non
             return evaluate_features(test, options.k, n_init=options.n_init, seed=options.seed, tasks=tasks,
                                      device=device, train=train, plots=options.plots)
         if source.run_id is not None:
-            client = tracking.connect(tracking.resolve_tracking_uri(source.tracking_uri))
+            client = tracking.connect(tracking.resolve_tracking_uri(source.tracking_uri), existing=True)
             check_run(client, source.run_id)
             init_ray(address)
             return evaluate_run(client, source.run_id, options, device=device, tasks=tasks, progress=True)

@@ -14,6 +14,7 @@ import getpass
 import logging
 import os
 import queue
+import re
 import socket
 import subprocess
 import threading
@@ -172,11 +173,18 @@ def check_reachable(uri: str, timeout: float | None = None) -> None:
         time.sleep(1.0)
 
 
-def connect(uri: str) -> MlflowClient:
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` has the form of an MLflow run id (32 lowercase hex digits)."""
+    return re.fullmatch(r"[0-9a-f]{32}", text) is not None
+
+
+def connect(uri: str, *, existing: bool = False) -> MlflowClient:
     """A client for a command's driver, after :func:`check_reachable`. A SQLite store is
     created (schema and migrations) under an exclusive file lock beside it: MLflow's creation
     is not safe when two commands open a new store at once (the second failed with
-    "table _alembic_tmp_... already exists")."""
+    "table _alembic_tmp_... already exists"). ``existing``: a command that only reads runs
+    (report, heatmap, reeval, evaluate --run-id) is refused a SQLite file that does not exist,
+    instead of leaving an empty store behind a typo; no command creates a missing directory."""
     check_tracking_uri(uri)
     check_reachable(uri)
     if not uri.startswith("sqlite:///"):
@@ -184,7 +192,13 @@ def connect(uri: str) -> MlflowClient:
     import fcntl
 
     database = _sqlite_database(uri)
-    database.parent.mkdir(parents=True, exist_ok=True)
+    where = f"--tracking-uri or ${TRACKING_URI_ENV}"
+    if existing and not database.exists():
+        raise ConfigError(f"tracking.uri: no MLflow store at {database} (nothing was ever logged there): pass the "
+                          f"store that holds the runs ({where})")
+    if not database.parent.is_dir():
+        raise ConfigError(f"tracking.uri: the folder {database.parent} of the SQLite store does not exist: fix the "
+                          f"path ({where}) or create the folder first")
     with open(database.with_name(database.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         client = MlflowClient(uri)

@@ -19,7 +19,7 @@ import itertools
 import logging
 import os
 import platform
-import re
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -208,13 +208,16 @@ def resolve_init_from(client: tracking.MlflowClient, cfg: ExperimentConfig, stor
         except (OSError, ValueError) as exc:  # pyarrow raises OSError subclasses, ValueError for bad URIs
             raise ConfigError(f"init_from: cannot read {value} ({exc})") from None
     elif not path.exists():
-        if not re.fullmatch(r"[0-9a-f]{32}", value):
+        if not tracking.is_run_id(value):
             raise ConfigError(f"init_from: {value!r} is neither an existing checkpoint path nor an MLflow run id")
         target = storage / "init_from" / value
+        created = [d for d in (target, *target.parents) if not d.exists()]
         target.mkdir(parents=True, exist_ok=True)
         try:
             path = Path(client.download_artifacts(value, "checkpoint", str(target)))
         except Exception as exc:  # MlflowException or a store error: both mean "not usable"
+            for folder in created:  # a mistyped run id leaves no folder behind
+                shutil.rmtree(folder, ignore_errors=True)
             raise ConfigError(f"init_from: MLflow run {value} has no usable 'checkpoint' artifact ({exc})") from None
     try:
         state = read_checkpoint(path)
