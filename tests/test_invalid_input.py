@@ -92,11 +92,12 @@ def write_truncated_mnist(root: Path, gz: bool) -> None:
 
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite store with no runs, made once (MLflow's migrations take seconds)."""
+    """An MLflow SQLite store with no runs, made once (MLflow's migrations take seconds); its
+    experiment ``empty`` has none either."""
     from mlflow import MlflowClient
 
     db = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
+    MlflowClient(f"sqlite:///{db}").create_experiment("empty")
     return db
 
 
@@ -324,6 +325,13 @@ CASES = [
     pytest.param(["reeval", "--experiment", "no-such-experiment"],
                  ["--experiment: no MLflow experiment named 'no-such-experiment'"],
                  id="reeval-unknown-experiment"),
+    pytest.param(["reeval", "--experiment", "empty", "--filter", "params.seed = '7'"],
+                 ["--experiment 'empty': no FINISHED run matching --filter \"params.seed = '7'\" to re-evaluate"],
+                 id="reeval-filter-matches-nothing"),
+    pytest.param(["evaluate", "--run-id", "0" * 32, "--train-features", "{features}/nan.parquet"],
+                 ["--train-features goes with --features"], id="evaluate-train-features-with-run-id"),
+    pytest.param(["evaluate", "--features", "{features}/nan.parquet", "--features-dir", "{tmp}/f"],
+                 ["--features-dir goes with --checkpoint"], id="evaluate-features-dir-with-features"),
 ]
 
 
@@ -436,10 +444,12 @@ def test_the_guard_stops_valid_commands_at_ray(argv, workspace, ray_guard, isola
     """Control: the same commands with valid input get as far as starting Ray (and are stopped
     there by the guard), so a row above passes because its input was refused, not because the
     guard or the fixtures keep every command from getting anywhere."""
-    if argv[0] == "reeval":  # an experiment that exists: re-evaluation checks that before Ray
-        MlflowClient(f"sqlite:///{Path(workspace['tracking']) / 'mlflow.db'}").create_experiment("anything")
+    if argv[0] == "reeval":  # a finished run to evaluate: re-evaluation checks that before Ray
+        client = MlflowClient(f"sqlite:///{Path(workspace['tracking']) / 'mlflow.db'}")
+        run_id = client.create_run(client.create_experiment("anything")).info.run_id
+        client.set_terminated(run_id, "FINISHED")
     assert _run(argv, workspace, monkeypatch) is None and ray_guard
-    assert _runs(Path(workspace["tracking"]) / "mlflow.db") == []
+    assert len(_runs(Path(workspace["tracking"]) / "mlflow.db")) == (argv[0] == "reeval")  # none but reeval's
 
 
 def test_bad_filter_and_file_storage_are_refused_before_ray(workspace, ray_guard, isolated_mlflow, monkeypatch,

@@ -121,7 +121,7 @@ def reevaluate_experiment(
 ) -> list[ReevalOutcome]:
     """Re-evaluate every finished run with a checkpoint in ``experiment`` (matching
     ``filter_string``, MLflow search syntax) as parallel Ray tasks on the cluster at
-    ``address`` (default: a local Ray), started only once the experiment is found."""
+    ``address`` (default: a local Ray), started only once there is a run to evaluate."""
     client = tracking.connect(tracking_uri, existing=True)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -131,9 +131,12 @@ def reevaluate_experiment(
         runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=10000)
     except Exception as exc:  # MlflowException: the filter does not parse (refused before Ray starts)
         raise ConfigError(f"--filter: {exc}") from None
-    init_ray(address)
-    cluster.check_cluster(None, tracking_uri)  # tasks on other nodes log to the store too
     runs = [r for r in runs if r.data.tags.get(ROLE_TAG) != "parent"]
+    if not runs:
+        matching = f" matching --filter {filter_string!r}" if filter_string else ""
+        raise ConfigError(f"--experiment {experiment!r}: no FINISHED run{matching} to re-evaluate"
+                          + ("; check the filter's keys (params.<key>, tags.<key>, metrics.<key>)"
+                             if filter_string else ""))
     outcomes: list[ReevalOutcome] = []
     todo = []
     for r in runs:
@@ -144,6 +147,10 @@ def reevaluate_experiment(
             outcomes.append(ReevalOutcome(r.info.run_id, name, "already evaluated", done))
         else:
             todo.append((r.info.run_id, name))
+    if not todo:  # everything already evaluated: no cluster needed
+        return outcomes
+    init_ray(address)
+    cluster.check_cluster(None, tracking_uri)  # tasks on other nodes log to the store too
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and device != "cpu"
     task_resources = {"num_gpus": 1} if use_gpu else {}
     pending = {_reeval_task.options(**task_resources).remote(tracking_uri, run_id, options,

@@ -35,6 +35,12 @@ class EvalSource:
         given = [name for name in ("run_id", "checkpoint", "features") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ConfigError(f"evaluate: give exactly one of --run-id, --checkpoint, --features (got {given or 'none'})")
+        if self.train_features is not None and self.features is None:
+            raise ConfigError("evaluate: --train-features goes with --features (a run or checkpoint is probed on "
+                              "its own train split)")
+        if self.features_dir is not None and self.checkpoint is None:
+            raise ConfigError("evaluate: --features-dir goes with --checkpoint (a run's features are its artifacts, "
+                              "a features file is read where it is)")
 
 
 def evaluate_source(source: EvalSource, options: EvalOptions, address: str | None = None, device: str | None = None,
