@@ -75,13 +75,35 @@ def _columns(features: Mapping[str, np.ndarray], argument: str) -> dict[str, np.
         held = sorted(features) if isinstance(features, Mapping) else type(features).__name__
         raise ValueError(f"{argument}: expected a mapping of columns with at least 'label' (N,) and "
                          f"'representation' (N, D), as load_features returns; got {held}")
-    columns = {name: np.asarray(values) for name, values in features.items()}
+    columns = {}
+    for name, values in features.items():
+        try:
+            columns[name] = np.asarray(values)
+        except ValueError:  # numpy refuses rows of different lengths
+            raise ValueError(f"{argument}: column {name!r} has rows of different lengths; every row of a column "
+                             "must have the same shape") from None
     n = len(columns["label"])
     if (columns["label"].ndim != 1 or columns["representation"].ndim != 2
             or any(len(values) != n for values in columns.values())):
         shapes = {name: values.shape for name, values in columns.items()}
         raise ValueError(f"{argument}: 'label' must be (N,), 'representation' (N, D), every column N rows; got {shapes}")
+    if columns["label"].dtype.kind not in "iu":
+        raise ValueError(f"{argument}: 'label' must hold integer class ids, got dtype {columns['label'].dtype}; "
+                         "map class names to 0..C-1 first (np.unique(labels, return_inverse=True)[1])")
+    if columns["representation"].dtype.kind not in "fiu":
+        raise ValueError(f"{argument}: 'representation' must be real numbers, got dtype "
+                         f"{columns['representation'].dtype}")
     return columns
+
+
+def _integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int in [minimum, maximum], else a ValueError naming the argument."""
+    bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: expected an integer {bounds}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name}: must be {bounds}, got {value}")
+    return int(value)
 
 
 def evaluate_features(
@@ -121,11 +143,17 @@ def evaluate_features(
         plots: also draw the accuracy-vs-inertia, confusion and t-SNE figures.
         progress: show progress bars.
     """
-    if n_init < 1:
-        raise ValueError(f"n_init: must be >= 1, got {n_init}")
-    return _evaluate_features(_columns(features, "features"), k, n_init=n_init, max_iter=max_iter, seed=seed,
-                              tasks=tasks, device=device, train=None if train is None else _columns(train, "train"),
-                              embedding_baselines=umap, plots=plots, progress=progress)
+    test = _columns(features, "features")
+    train_columns = None if train is None else _columns(train, "train")
+    if train_columns is not None and train_columns["representation"].shape[1] != test["representation"].shape[1]:
+        raise ValueError(f"train: its representation has {train_columns['representation'].shape[1]} dimensions, "
+                         f"the features' {test['representation'].shape[1]}: pass the train split of the same model")
+    k = None if k is None else _integer("k", k, 2)
+    n_init, max_iter = _integer("n_init", n_init, 1), _integer("max_iter", max_iter, 1)
+    seed = _integer("seed", seed, 0, 2**32 - 1)
+    tasks = None if tasks is None else _integer("tasks", tasks, 1)
+    return _evaluate_features(test, k, n_init=n_init, max_iter=max_iter, seed=seed, tasks=tasks, device=device,
+                              train=train_columns, embedding_baselines=umap, plots=plots, progress=progress)
 
 
 def sweep_results(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:

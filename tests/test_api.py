@@ -89,6 +89,19 @@ def test_evaluate_features_bad_input_names_the_argument():
         evaluate_features({"label": y, "representation": x}, train=[1, 2])
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
         evaluate_features({"label": y, "representation": x}, device="tpu")
+    # Hardening round 3: each of these was a raw numpy / torch error.
+    for kwargs, message in [({"k": 2.5}, r"k: expected an integer >= 2, got 2.5"),
+                            ({"k": "3"}, r"k: expected an integer >= 2, got '3'"),
+                            ({"n_init": 2.5}, r"n_init: expected an integer >= 1, got 2.5"),
+                            ({"seed": -1}, r"seed: must be in 0..4294967295, got -1"),
+                            ({"train": {"label": y, "representation": x[:, :1]}},
+                             r"train: its representation has 1 dimensions, the features' 6")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate_features({"label": y, "representation": x}, **kwargs)
+    with pytest.raises(ValueError, match=r"'label' must hold integer class ids, got dtype <U1; map class names"):
+        evaluate_features({"label": np.array(list("ab") * 10), "representation": x})
+    with pytest.raises(ValueError, match="column 'representation' has rows of different lengths"):
+        evaluate_features({"label": y[:2], "representation": [[1.0, 2.0], [3.0]]})
 
 
 def test_load_features_from_a_file_and_from_a_run(tracking_uri, tmp_path, monkeypatch):
