@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clusterlab.config import MAX_SEED
 from clusterlab.eval.feature_files import read_features, write_features
 from clusterlab.eval.kmeans import batched_kmeans
 from clusterlab.platform import heatmap, tracking
@@ -150,7 +151,7 @@ def evaluate_features(
                          f"the features' {test['representation'].shape[1]}: pass the train split of the same model")
     k = None if k is None else _integer("k", k, 2)
     n_init, max_iter = _integer("n_init", n_init, 1), _integer("max_iter", max_iter, 1)
-    seed = _integer("seed", seed, 0, 2**32 - 1)
+    seed = _integer("seed", seed, 0, MAX_SEED)
     tasks = None if tasks is None else _integer("tasks", tasks, 1)
     return _evaluate_features(test, k, n_init=n_init, max_iter=max_iter, seed=seed, tasks=tasks, device=device,
                               train=train_columns, embedding_baselines=umap, plots=plots, progress=progress)

@@ -32,6 +32,7 @@ Protocol = Literal["train", "train+test", "train+unlabeled"]
 #: names that become directories, MLflow filter literals and file names: no quotes, slashes or dots first
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 MAX_RUN_NAME = 100
+MAX_SEED = 2**32 - 1  # seeds are 32 bits: what numpy's and Python's generators take
 
 
 class ConfigError(ValueError):
@@ -361,7 +362,7 @@ class ExperimentConfig(StrictModel):
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     batch_size: int = Field(512, ge=2, description="global batch size, split across workers")
     epochs: int = Field(100, ge=1)
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds torch, numpy and the data order (32 bits: what "
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds torch, numpy and the data order (32 bits: what "
                                                           "numpy's legacy seeding and DataLoader workers take)")
     run_name: str | None = Field(None, description="Ray Train run name; the same name resumes that run")
     init_from: str | None = Field(

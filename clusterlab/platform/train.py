@@ -216,8 +216,8 @@ def resolve_init_from(client: tracking.MlflowClient, cfg: ExperimentConfig, stor
         try:
             path = Path(client.download_artifacts(value, "checkpoint", str(target)))
         except Exception as exc:  # MlflowException or a store error: both mean "not usable"
-            for folder in created:  # a mistyped run id leaves no folder behind
-                shutil.rmtree(folder, ignore_errors=True)
+            if created:  # a mistyped run id leaves no folder behind: remove the outermost one it made
+                shutil.rmtree(created[-1], ignore_errors=True)
             raise ConfigError(f"init_from: MLflow run {value} has no usable 'checkpoint' artifact ({exc})") from None
     try:
         state = read_checkpoint(path)
